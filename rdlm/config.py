@@ -1,0 +1,275 @@
+"""Typed, frozen configuration: dataclasses, YAML presets and dotted `key=value` overrides.
+
+A config is built from a preset in `configs/` (or any YAML path) plus overrides such as
+`model.mean_recurrence=8`. Every key is checked: an unknown key names the nearest valid one, a value
+of the wrong type or out of range names the key and the valid range. `ModelConfig` also reads and
+writes the HF `config.json` of huginn-0125 (`model_type: huginn_raven`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key, value or file is invalid; the message names it."""
+
+
+def _check(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           choices: tuple[Any, ...] | None = None) -> dict[str, Any]:
+    """Field metadata describing the valid range of a value."""
+    return {"ge": ge, "gt": gt, "le": le, "choices": choices}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Huginn architecture (defaults: the released huginn-0125, 3.5B parameters)."""
+
+    n_embd: int = field(default=5280, metadata=_check(ge=2))
+    n_heads: int = field(default=55, metadata=_check(ge=1))
+    intermediate_size: int = field(default=17920, metadata=_check(ge=1))
+    vocab_size: int = field(default=65536, metadata=_check(ge=1))  # rows of the embedding (padded vocab)
+    padding_multiple: int = field(default=4096, metadata=_check(ge=1))  # kept for config.json round trips
+    block_size: int = field(default=4096, metadata=_check(ge=1))  # longest sequence (RoPE table length)
+    n_layers_in_prelude: int = field(default=2, metadata=_check(ge=0))
+    n_layers_in_recurrent_block: int = field(default=4, metadata=_check(ge=1))
+    n_layers_in_coda: int = field(default=2, metadata=_check(ge=0))
+    mean_recurrence: int = field(default=32, metadata=_check(ge=1))
+    mean_backprop_depth: int = field(default=8, metadata=_check(ge=1))
+    rope_base: float = field(default=50000.0, metadata=_check(gt=0))
+    norm_eps: float = field(default=1e-6, metadata=_check(gt=0, le=1))
+    qk_bias: bool = True
+    bias: bool = False  # bias of the adapter, as the official `config.bias`
+    tie_embeddings: bool = True
+    dtype: str = field(default="float32", metadata=_check(choices=("float32", "bfloat16")))  # compute
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_heads:
+            raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.n_embd / model.n_heads = {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_heads
+
+    @property
+    def n_layers(self) -> int:
+        return self.n_layers_in_prelude + self.n_layers_in_recurrent_block + self.n_layers_in_coda
+
+    @property
+    def effective_expected_depth(self) -> int:
+        """Layers run at mean recurrence; sets the official output-projection init."""
+        return (self.n_layers_in_prelude + self.n_layers_in_coda
+                + self.n_layers_in_recurrent_block * self.mean_recurrence)
+
+    @property
+    def init_std(self) -> float:
+        return math.sqrt(2 / (5 * self.n_embd))
+
+    @property
+    def out_proj_std(self) -> float:
+        return self.init_std / math.sqrt(2 * self.effective_expected_depth)
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.n_embd)
+
+    # ---- HF config.json of huginn form -------------------------------------------------------------
+    def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
+        """The `config.json` the official `RavenConfig` loads."""
+        out: dict[str, Any] = {
+            "architectures": ["RavenForCausalLM"],
+            "model_type": "huginn_raven",
+            "auto_map": {"AutoConfig": "raven_config_minimal.RavenConfig",
+                         "AutoModelForCausalLM": "raven_modeling_minimal.RavenForCausalLM"},
+            "torch_dtype": torch_dtype,
+            "n_layers": self.n_layers,
+            **_HF_FIXED,
+        }
+        for ours, theirs in _HF_KEYS.items():
+            out[theirs] = getattr(self, ours)
+        return out
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Read a huginn `config.json`; refuses architectures this model does not implement."""
+        hf = dict(hf)
+        for alias, name in (("num_attention_heads", "n_heads"), ("hidden_size", "n_embd"),
+                            ("tie_word_embeddings", "tie_embeddings")):
+            if alias in hf:
+                hf.setdefault(name, hf[alias])
+        if hf.get("model_type", "huginn_raven") != "huginn_raven":
+            raise ConfigError(f"{source}: model_type={hf['model_type']!r}, expected 'huginn_raven'")
+        for key, expected in _HF_FIXED.items():
+            if key in hf and hf[key] != expected:
+                raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported (only {expected!r})")
+        if hf.get("num_key_value_heads", hf.get("n_heads")) != hf.get("n_heads"):
+            raise ConfigError(f"{source}: num_key_value_heads={hf['num_key_value_heads']} != n_heads (no GQA in huginn)")
+        kwargs = {ours: hf[theirs] for ours, theirs in _HF_KEYS.items() if theirs in hf}
+        cfg = _build(cls, kwargs, prefix="model", source=source)
+        if "n_layers" in hf and hf["n_layers"] != cfg.n_layers:
+            raise ConfigError(f"{source}: n_layers={hf['n_layers']} but prelude+core+coda = {cfg.n_layers}")
+        return cfg
+
+    @classmethod
+    def from_hf_json(cls, path: str | os.PathLike) -> ModelConfig:
+        try:
+            hf = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read HF config {path}: {e}") from e
+        return cls.from_hf_dict(hf, source=str(path))
+
+
+# Our field name -> official config.json key (identical names; the table keeps them in one place).
+_HF_KEYS = {f: f for f in ("n_embd", "n_heads", "intermediate_size", "vocab_size", "padding_multiple", "block_size",
+                           "n_layers_in_prelude", "n_layers_in_recurrent_block", "n_layers_in_coda",
+                           "mean_recurrence", "mean_backprop_depth", "rope_base", "norm_eps", "qk_bias", "bias",
+                           "tie_embeddings")}
+# Official settings this implementation has (and only these); written on export, checked on import.
+_HF_FIXED = {"architecture_class_name": "RecurrentGPT", "block_class_name": "SandwichBlock",
+             "norm_class_name": "RMSNorm_llama", "mlp_class_name": "GatedMLP", "nonlin_name": "SiLU",
+             "injection_type": "linear", "state_init": "like-init"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs; sections are added as the project grows (train, data, mesh)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# ---- building and validation ---------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against a field type; ints are accepted for floats, nothing else is converted."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_range(value: Any, meta: dict[str, Any], key: str) -> None:
+    ge, gt, le, choices = meta.get("ge"), meta.get("gt"), meta.get("le"), meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+    lo = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else "(-inf"
+    rng = f"{lo}, {le if le is not None else 'inf'}{']' if le is not None else ')'}"
+    if ((ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le)):
+        raise ConfigError(f"{key}: {value!r} is out of range {rng}")
+
+
+def _unknown(key: str, valid: list[str], source: str) -> ConfigError:
+    near = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1, cutoff=0.5)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(prefix + v for v in valid)}"
+    return ConfigError(f"{source}: unknown config key {key!r}{hint}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
+    """Construct dataclass `cls` from a nested dict, validating every key and value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in fields:
+            raise _unknown(key, list(fields), source)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key, source)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+            if kwargs[name] is not None:
+                _check_range(kwargs[name], fields[name].metadata, key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(parents[:i + 1])} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`['model.n_heads=4', ...]` -> `[('model.n_heads', 4), ...]`; values are parsed as YAML scalars."""
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def resolve_preset(name: str | os.PathLike) -> Path:
+    """A YAML path, or a preset name from `configs/` (`tiny` -> configs/tiny.yml)."""
+    path = Path(name)
+    if path.suffix in (".yml", ".yaml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = CONFIG_DIR / f"{name}.yml"
+    if not preset.exists():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yml"))
+        raise ConfigError(f"unknown preset {str(name)!r}; presets in {CONFIG_DIR}: {', '.join(names)}")
+    return preset
+
+
+def load_config(name: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Preset (or YAML file) plus dotted overrides -> validated `Config`."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if name is not None:
+        path = resolve_preset(name)
+        source = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(data, key, value, source="override")
+    if overrides:
+        source = f"{source} + overrides"
+    return _build(Config, data, prefix="", source=source)
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

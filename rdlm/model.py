@@ -1,0 +1,172 @@
+"""Huginn, the recurrent-depth transformer, as pure functions over a plain parameter pytree.
+
+Read top to bottom:  tokens -> embedding (x sqrt(n_embd)) -> prelude -> e
+                      s_0 ~ truncated normal (or given)
+                      s_i = core(adapter([s_{i-1}, e]))   for i = 1 .. num_steps   (lax.fori_loop)
+                      ln_f(s_r) -> coda -> ln_f -> tied lm head -> logits
+Every block is a SandwichBlock (a norm before and after both attention and MLP). The parameter
+layout and official names are in `rdlm.params`; numerics follow the official
+`raven_modeling_minimal.py` (RMSNorm in fp32, RoPE on interleaved pairs in fp32, qk bias before RoPE).
+`num_steps` is a traced value: one compiled function serves every recurrence depth.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rdlm.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+# ---- layers ---------------------------------------------------------------------------------------
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """Normalise in fp32, cast back, then scale (the official `RMSNorm_llama`)."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def rope_angles(positions: jax.Array, head_dim: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin `[batch, seq, 1, head_dim/2]` in fp32 for integer positions `[batch, seq]`."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate dimension pairs (2i, 2i+1) of `x [batch, seq, heads, head_dim]`, in fp32."""
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def attention(p: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
+              cfg: ModelConfig) -> jax.Array:
+    """Causal multi-head self-attention; scores and softmax in fp32."""
+    dt = x.dtype
+    qkv = jnp.einsum("bse,ecnd->bscnd", x, p["wqkv"].astype(dt))
+    if cfg.qk_bias:
+        qkv = qkv.at[:, :, :2].add(p["qk_bias"].astype(dt))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    y = jnp.einsum("bnqk,bknd->bqnd", probs, v)
+    return jnp.einsum("bqnd,nde->bqe", y, p["proj"].astype(dt))
+
+
+def gated_mlp(p: Params, x: jax.Array) -> jax.Array:
+    """SiLU-gated MLP with a fused `fc` (gate, up)."""
+    h = jnp.einsum("bse,egi->bsgi", x, p["fc"].astype(x.dtype))
+    return jnp.einsum("bsi,ie->bse", jax.nn.silu(h[:, :, 0]) * h[:, :, 1], p["proj"].astype(x.dtype))
+
+
+def sandwich_block(p: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
+                   cfg: ModelConfig) -> jax.Array:
+    eps = cfg.norm_eps
+    x = rms_norm(attention(p["attn"], rms_norm(x, p["norm_1"]["scale"], eps), rope, mask, cfg) + x,
+                 p["norm_2"]["scale"], eps)
+    return rms_norm(gated_mlp(p["mlp"], rms_norm(x, p["norm_3"]["scale"], eps)) + x, p["norm_4"]["scale"], eps)
+
+
+def run_blocks(blocks: list[Params], x: jax.Array, rope, mask, cfg: ModelConfig) -> jax.Array:
+    for p in blocks:
+        x = sandwich_block(p, x, rope, mask, cfg)
+    return x
+
+
+# ---- the recurrent-depth model -------------------------------------------------------------------
+
+
+def attention_mask(positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """`[batch, 1, q, k]`: causal by position, and within one packed segment when ids are given."""
+    mask = positions[:, :, None] >= positions[:, None, :]
+    if segment_ids is not None:
+        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    return mask[:, None]
+
+
+def embed(params: Params, input_ids: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Token embedding times sqrt(n_embd), in the compute dtype."""
+    return params["wte"]["embedding"].astype(cfg.dtype)[input_ids] * jnp.asarray(cfg.embed_scale, cfg.dtype)
+
+
+def initial_state(rng: jax.Array, shape: tuple[int, ...], cfg: ModelConfig, init_scale: jax.Array) -> jax.Array:
+    """The official 'like-init' latent: truncated normal (+-3 std), std = init_std * init_scale, times embed scale."""
+    std = cfg.init_std * init_scale
+    noise = jax.random.truncated_normal(rng, -3.0, 3.0, shape, jnp.float32)
+    return (noise * std * cfg.embed_scale).astype(cfg.dtype)
+
+
+def core_step(params: Params, state: jax.Array, embedded: jax.Array, rope, mask, cfg: ModelConfig) -> jax.Array:
+    """One recurrence: adapter on concat([state, embedded input]), then the core block's layers."""
+    x = jnp.concatenate([state, embedded], axis=-1)
+    x = x @ params["adapter"]["kernel"].astype(x.dtype)
+    if cfg.bias:
+        x = x + params["adapter"]["bias"].astype(x.dtype)
+    return run_blocks(params["core"], x, rope, mask, cfg)
+
+
+def decode(params: Params, state: jax.Array, rope, mask, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Final latent -> (fp32 logits, normed latent): ln_f, coda, ln_f again, tied (or own) lm head."""
+    latent = rms_norm(state, params["ln_f"]["scale"], cfg.norm_eps)
+    x = rms_norm(run_blocks(params["coda"], latent, rope, mask, cfg), params["ln_f"]["scale"], cfg.norm_eps)
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("bse,ve->bsv", x, params["wte"]["embedding"].astype(x.dtype),
+                            preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("bse,ev->bsv", x, params["lm_head"]["kernel"].astype(x.dtype),
+                            preferred_element_type=jnp.float32)
+    return logits.astype(jnp.float32), latent
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _forward(params, input_ids, num_steps, init_state, init_scale, rng, positions, segment_ids, cfg: ModelConfig):
+    rope = rope_angles(positions, cfg.head_dim, cfg.rope_base)
+    mask = attention_mask(positions, segment_ids)
+    embedded = run_blocks(params["prelude"], embed(params, input_ids, cfg), rope, mask, cfg)
+    if init_state is None:
+        init_state = initial_state(rng, embedded.shape, cfg, init_scale)
+    state = jax.lax.fori_loop(0, num_steps, lambda _, s: core_step(params, s, embedded, rope, mask, cfg),
+                              init_state.astype(cfg.dtype))
+    return decode(params, state, rope, mask, cfg)
+
+
+def forward(params: Params, input_ids: jax.Array, config: ModelConfig, *, num_steps: int | jax.Array,
+            init_state: jax.Array | None = None, init_scale: float = 1.0, rng: jax.Array | None = None,
+            positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+            return_latents: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Logits `[batch, seq, vocab_size]` in fp32 after `num_steps` recurrences of the core block.
+
+    The initial latent is `init_state` when given, else the official random init scaled by
+    `init_scale` (0 gives zeros) drawn from `rng` (default: key 0, so calls are reproducible).
+    `positions`/`segment_ids` `[batch, seq]` serve packed sequences (default: 0..seq-1, one segment).
+    With `return_latents`, also returns the final latent state after `ln_f`, as the official does.
+    """
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be an integer array [batch, seq], got {input_ids.dtype}{list(input_ids.shape)}")
+    batch, seq = input_ids.shape
+    if not 1 <= seq <= config.block_size:
+        raise ValueError(f"input_ids has {seq} positions; valid range is 1..block_size={config.block_size}")
+    if isinstance(num_steps, (int, np.integer)) and num_steps < 0:
+        raise ValueError(f"num_steps={num_steps} must be >= 0")
+    expected = (batch, seq, config.n_embd)
+    if init_state is not None and tuple(init_state.shape) != expected:
+        raise ValueError(f"init_state has shape {tuple(init_state.shape)}, expected {expected} [batch, seq, n_embd]")
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    rng = jax.random.key(0) if rng is None else rng
+    logits, latents = _forward(params, input_ids, jnp.asarray(num_steps, jnp.int32), init_state,
+                               jnp.asarray(init_scale, jnp.float32), rng, positions, segment_ids, config)
+    return (logits, latents) if return_latents else logits

@@ -2,7 +2,7 @@
 
 from rdlm.checkpoint import CheckpointError, load_model
 from rdlm.config import Config, ConfigError, ModelConfig, load_config
-from rdlm.convert import load_hf_checkpoint
+from rdlm.hf import load_hf_checkpoint
 from rdlm.model import forward
 from rdlm.params import init_params, logical_axes, param_specs
 

@@ -6,8 +6,10 @@ The converter writes this layout from the official HF format; everything else in
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +38,35 @@ def load_model(path: str | os.PathLike, dtype: Any = None,
     except ConfigError as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
     stored = ocp.metadata(path / PARAMS_DIR).metadata
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     expected = abstract_params(cfg.model)
-    try:
-        abstract = jax.tree.map(
-            lambda want, have: jax.ShapeDtypeStruct(want.shape, jnp.dtype(dtype or have.dtype), sharding=sharding),
-            expected, stored)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path / PARAMS_DIR}: parameter tree does not match {path / CONFIG_FILE}: {e}") from e
+    want, treedef = jax.tree_util.tree_flatten_with_path(expected)
+    have = jax.tree.leaves(stored)
+    if jax.tree.structure(stored) != treedef:
+        raise CheckpointError(f"{path / PARAMS_DIR}: parameter tree does not match the model in {path / CONFIG_FILE}")
+    wrong = [f"{jax.tree_util.keystr(k)}: expected {list(w.shape)}, found {list(h.shape)}"
+             for (k, w), h in zip(want, have) if tuple(w.shape) != tuple(h.shape)]
+    if wrong:
+        raise CheckpointError(f"{path / PARAMS_DIR}: mis-shaped parameters: " + "; ".join(wrong))
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(w.shape, jnp.dtype(dtype or h.dtype), sharding=sharding)
+                                            for (_, w), h in zip(want, have)])
     params = ocp.load(path / PARAMS_DIR, abstract)
     return cfg, params
+
+
+@contextmanager
+def staging_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of `dst` that replaces it only if the body succeeds."""
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst} already exists (pass --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,160 @@
+"""Benchmarks. Prints one JSON object per line; never passes or fails.
+
+    python tools/bench.py forward CONFIG [key=value ...] [--batch 8 --seq 32 --steps 4,64]
+        forward tokens/s, MFU and compile seconds at each num_steps, all from one jitted function;
+        with --official-python/--official-script, also the official PyTorch forward on the same
+        weights (exported by rdlm) in the same run, as official_ratio = ours / official.
+    python tools/bench.py convert CONFIG [key=value ...] [--dtype bfloat16 --shards 4]
+        builds a synthetic checkpoint of CONFIG's shapes with the official names (random values,
+        several shards), converts it with `python -m rdlm.convert` in a child process and reports
+        its wall seconds and peak RSS.
+
+The official script (kept outside this repo) is called as
+`PYTHON SCRIPT HF_DIR --batch B --seq S --num-steps N --iters K` and prints {"tokens_per_s": x}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from rdlm import model  # noqa: E402
+from rdlm.config import load_config  # noqa: E402
+from rdlm.hf import INDEX_FILE, write_hf  # noqa: E402
+from rdlm.flops import forward_flops_per_token  # noqa: E402
+from rdlm.params import ROPE_BUFFER, TIED_HEAD, count_params, init_params, param_specs, rope_buffer_shape  # noqa: E402
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def matmul_peak_flops(n: int = 2048, iters: int = 5) -> float:
+    """Measured fp32 matmul FLOP/s of this host's default device: the denominator of MFU."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    _timed(lambda: f(a))
+    return 2 * n**3 / min(_timed(lambda: f(a)) for _ in range(iters))
+
+
+def official_tokens_per_s(args, hf_dir: Path, steps: int) -> float:
+    """Run the official forward (scratch script outside the repo) on the weights in `hf_dir`."""
+    out = subprocess.run([args.official_python, args.official_script, str(hf_dir), "--batch", str(args.batch),
+                          "--seq", str(args.seq), "--num-steps", str(steps), "--iters", str(args.iters)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def bench_forward(args, cfg, base) -> None:
+    params = init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size)
+    tokens = args.batch * args.seq
+    peak = matmul_peak_flops()
+    model._forward.clear_cache()
+    with tempfile.TemporaryDirectory(prefix="rdlm-bench-") as tmp:
+        if args.official_script:  # the official code runs on the very same weights, exported by rdlm
+            write_hf(params, cfg, Path(tmp) / "hf")
+        for steps in args.steps:
+            def run(steps=steps):
+                return model.forward(params, ids, cfg, num_steps=steps, init_scale=0.0)
+            first = _timed(run)
+            seconds = float(np.median([_timed(run) for _ in range(args.iters)]))
+            record = base | dict(num_steps=steps, batch=args.batch, seq=args.seq,
+                                 compile_s=max(first - seconds, 0.0), jit_cache_size=model._forward._cache_size(),
+                                 seconds=seconds, tokens_per_s=tokens / seconds, peak_flops=peak,
+                                 mfu=forward_flops_per_token(cfg, steps, args.seq) * tokens / seconds / peak)
+            if args.official_script:
+                official = official_tokens_per_s(args, Path(tmp) / "hf", steps)
+                record |= dict(official_tokens_per_s=official, official_ratio=record["tokens_per_s"] / official)
+            emit(record)
+
+
+def write_synthetic_hf(cfg, dst: Path, dtype: str, shards: int) -> int:
+    """An HF directory with CONFIG's official tensor names and shapes, random values, `shards` files."""
+    dt = jnp.dtype(dtype)
+    specs = [(s.hf_name, s.hf_shape) for s in param_specs(cfg)] + [(ROPE_BUFFER, rope_buffer_shape(cfg))]
+    if cfg.tie_embeddings:
+        specs.append((TIED_HEAD, (cfg.vocab_size, cfg.n_embd)))  # as in the hub's fp32 checkpoint
+    total = sum(int(np.prod(shape)) * dt.itemsize for _, shape in specs)
+    rng = np.random.default_rng(0)
+    dst.mkdir(parents=True)
+    written: list[list[str]] = []  # tensor names of each shard file, in order
+    shard, size = {}, 0
+    for n, (name, shape) in enumerate(specs):
+        shard[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dt)
+        size += shard[name].nbytes
+        if size >= total / shards or n == len(specs) - 1:
+            save_file(shard, dst / f"shard-{len(written)}", metadata={"format": "pt"})
+            written.append(list(shard))
+            shard, size = {}, 0
+    weight_map = {}
+    for k, names in enumerate(written):
+        file = f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
+        (dst / f"shard-{k}").rename(dst / file)
+        weight_map |= dict.fromkeys(names, file)
+    (dst / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (dst / "config.json").write_text(json.dumps(cfg.to_hf_dict(torch_dtype=dt.name)))
+    return total
+
+
+def bench_convert(args, cfg, base) -> None:
+    with tempfile.TemporaryDirectory(prefix="rdlm-bench-convert-", dir=args.workdir) as tmp:
+        src, dst = Path(tmp) / "hf", Path(tmp) / "rdlm"
+        start = time.perf_counter()
+        nbytes = write_synthetic_hf(cfg, src, args.dtype, args.shards)
+        made = time.perf_counter() - start
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "rdlm.convert", str(src), str(dst)], check=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
+        emit(base | dict(dtype=args.dtype, shards=len(list(src.glob("*.safetensors"))), params=count_params(cfg), checkpoint_bytes=nbytes,
+                         synth_s=made, seconds=seconds, peak_rss_bytes=peak, peak_rss_gib=peak / 2**30))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bench", choices=["forward", "convert"])
+    parser.add_argument("config", help="preset name or YAML path")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=[4, 64])
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--official-python", help="python with torch + transformers for the official code")
+    parser.add_argument("--official-script", help="scratch script running the official forward (outside the repo)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--workdir", default=None, help="where the synthetic checkpoint is written (default: tmp)")
+    args = parser.parse_args(argv)
+    if bool(args.official_python) != bool(args.official_script):
+        parser.error("--official-python and --official-script go together")
+    cfg = load_config(args.config, args.overrides).model
+    base = dict(bench=args.bench, config=args.config, overrides=args.overrides, backend=jax.default_backend())
+    {"forward": bench_forward, "convert": bench_convert}[args.bench](args, cfg, base)
+
+
+if __name__ == "__main__":
+    main()

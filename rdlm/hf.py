@@ -21,13 +21,13 @@ from safetensors.numpy import save_file
 from rdlm.checkpoint import CheckpointError, staging_dir
 from rdlm.config import ConfigError, ModelConfig
 from rdlm.model import rope_angles
-from rdlm.params import ROPE_BUFFER, TIED_HEAD, ParamSpec, get_path, param_specs, rope_buffer_shape, unflatten
+from rdlm.params import (EMBEDDING, ROPE_BUFFER, TIED_HEAD, ParamSpec, get_path, param_specs, rope_buffer_shape,
+                         spec_at, unflatten)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
            "F64": np.dtype(np.float64)}
-_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,14 @@ def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
         raise CheckpointError(f"{file}: cannot read: {e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: corrupt safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header: not a JSON object")
     base, entries = 8 + n, {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if isinstance(info, dict) and info.get("dtype") not in _DTYPES:
+            raise CheckpointError(f"{file}: {name} has dtype {info.get('dtype')}; supported: {', '.join(_DTYPES)}")
         try:
             dtype, shape, (start, end) = _DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
@@ -71,13 +75,27 @@ def read_safetensors_header(file: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def read_tensor(entry: TensorEntry) -> np.ndarray:
+def read_tensor(entry: TensorEntry, start: int = 0, count: int | None = None) -> np.ndarray:
+    """The whole tensor, or `count` flat elements from element `start` (for chunked reads)."""
+    whole = count is None
+    count = int(np.prod(entry.shape)) - start if whole else count
     with open(entry.file, "rb") as f:
-        f.seek(entry.start)
-        data = np.fromfile(f, dtype=entry.dtype, count=(entry.end - entry.start) // entry.dtype.itemsize)
-    if data.nbytes != entry.end - entry.start:
+        f.seek(entry.start + start * entry.dtype.itemsize)
+        data = np.fromfile(f, dtype=entry.dtype, count=count)
+    if data.size != count:
         raise CheckpointError(f"{entry.file}: truncated while reading {entry.name}")
-    return data.reshape(entry.shape)
+    return data.reshape(entry.shape) if whole else data
+
+
+def _check_tied_head(entries: dict[str, TensorEntry], embedding: str, chunk: int = 2**24) -> None:
+    """A stored `lm_head.weight` of a tied model must equal the embedding (compared in chunks)."""
+    head, wte = entries[TIED_HEAD], entries[embedding]
+    total = int(np.prod(wte.shape))
+    for start in range(0, total, chunk):
+        n = min(chunk, total - start)
+        if not np.array_equal(read_tensor(head, start, n).astype(np.float32), read_tensor(wte, start, n).astype(np.float32)):
+            raise CheckpointError(f"{head.file}: {TIED_HEAD} differs from {embedding}, but config.json ties the "
+                                  "embeddings (tie_embeddings=true); refusing to drop a distinct head")
 
 
 def hf_index(src: Path) -> dict[str, TensorEntry]:
@@ -119,6 +137,8 @@ def match_tensors(cfg: ModelConfig, entries: dict[str, TensorEntry], src: Path) 
             problems.append(f"  mis-shaped {name}: expected {list(want)}, found {list(entry.shape)} in {entry.file.name}")
     if problems:
         raise CheckpointError(f"{src} does not match its config.json ({len(problems)} problems):\n" + "\n".join(problems))
+    if cfg.tie_embeddings and TIED_HEAD in entries:
+        _check_tied_head(entries, spec_at(cfg, EMBEDDING).hf_name)
     return [(s, entries[n]) for n, s in specs.items()]
 
 

@@ -98,7 +98,7 @@ def attention_mask(positions: jax.Array, segment_ids: jax.Array | None) -> jax.A
 
 def embed(params: Params, input_ids: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Token embedding times sqrt(n_embd), in the compute dtype."""
-    return params["wte"]["embedding"].astype(cfg.dtype)[input_ids] * jnp.asarray(cfg.embed_scale, cfg.dtype)
+    return params["wte"]["embedding"][input_ids].astype(cfg.dtype) * jnp.asarray(cfg.embed_scale, cfg.dtype)
 
 
 def initial_state(rng: jax.Array, shape: tuple[int, ...], cfg: ModelConfig, init_scale: jax.Array) -> jax.Array:

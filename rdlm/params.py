@@ -110,7 +110,7 @@ def _block(cfg: ModelConfig, path: Path, hf: str) -> list[ParamSpec]:
 def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """Every parameter of the model, in the official state-dict order."""
     e, v, std = cfg.n_embd, cfg.vocab_size, cfg.init_std
-    rows = [ParamSpec(("wte", "embedding"), (v, e), ("vocab", "embed"), "transformer.wte.weight", (v, e), False,
+    rows = [ParamSpec(EMBEDDING, (v, e), ("vocab", "embed"), "transformer.wte.weight", (v, e), False,
                       _trunc_normal(std))]
     for n in range(cfg.n_layers_in_prelude):
         rows += _block(cfg, ("prelude", n), f"transformer.prelude.{n}")
@@ -127,6 +127,13 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
         rows.append(ParamSpec(("lm_head", "kernel"), (e, v), ("embed", "vocab"), TIED_HEAD, (v, e), True,
                               _trunc_normal(std)))
     return rows
+
+
+EMBEDDING = ("wte", "embedding")  # path of the token embedding (also the tied LM head)
+
+
+def spec_at(cfg: ModelConfig, path: Path) -> ParamSpec:
+    return next(s for s in param_specs(cfg) if s.path == path)
 
 
 def rope_buffer_shape(cfg: ModelConfig) -> tuple[int, ...]:

@@ -96,6 +96,27 @@ def test_untied_head_is_unexpected_when_config_ties(tmp_path):
         conv.convert(src, tmp_path / "dst")
 
 
+def test_tied_head_must_equal_the_embedding(tmp_path):
+    def edit(t):
+        t["lm_head.weight"] = t["transformer.wte.weight"].copy()
+        t["lm_head.weight"][-1, -1] += 1
+    src = _rewrite(tmp_path, edit)
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from transformer.wte.weight"):
+        conv.convert(src, tmp_path / "dst")
+    with pytest.raises(CheckpointError, match="differs"):  # found in the last of several chunks
+        hf._check_tied_head(hf.hf_index(src), "transformer.wte.weight", chunk=1000)
+    tensors = load_file(src / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"]
+    save_file(tensors, src / "model.safetensors")
+    hf._check_tied_head(hf.hf_index(src), "transformer.wte.weight", chunk=1000)
+
+
+def test_unsupported_dtype_is_named(tmp_path):
+    src = _rewrite(tmp_path, lambda t: t.update({"transformer.ln_f.weight": np.zeros(32, np.int64)}))
+    with pytest.raises(CheckpointError, match="transformer.ln_f.weight has dtype I64; supported: F32, BF16"):
+        conv.convert(src, tmp_path / "dst")
+
+
 def _copy_sharded(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(FIXTURES / "tiny_bf16_sharded", src)
@@ -141,11 +162,11 @@ def test_missing_shard_and_missing_files(tmp_path):
 def test_failure_midway_leaves_no_destination(tmp_path, monkeypatch):
     calls = []
 
-    def flaky(entry):
+    def flaky(entry, *args):
         calls.append(entry.name)
         if len(calls) == 40:
             raise CheckpointError(f"{entry.file}: simulated read failure")
-        return real(entry)
+        return real(entry, *args)
     real = hf.read_tensor
     monkeypatch.setattr(hf, "read_tensor", flaky)
     monkeypatch.setattr(conv, "SAVE_BATCH_BYTES", 10_000)  # several partial saves happen before the failure
@@ -182,3 +203,18 @@ def test_cli_round_trip(tmp_path, capsys):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert conv.main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
     assert "error: " in capsys.readouterr().err
+
+
+def test_load_model_rejects_params_that_do_not_fit_config(tmp_path):
+    conv.convert(FIXTURES / "tiny_fp32", tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "config.yml"
+    config_file.write_text(config_file.read_text().replace("intermediate_size: 80", "intermediate_size: 96"))
+    with pytest.raises(CheckpointError, match=r"mis-shaped parameters: \['coda'\]\[0\]\['mlp'\]\['fc'\]: "
+                                              r"expected \[32, 2, 96\], found \[32, 2, 80\]"):
+        rdlm.load_model(tmp_path / "ckpt")
+    config_file.write_text(config_file.read_text().replace("n_layers_in_coda: 2", "n_layers_in_coda: 1"))
+    with pytest.raises(CheckpointError, match="parameter tree does not match"):
+        rdlm.load_model(tmp_path / "ckpt")
+    config_file.write_text("model:\n  n_embdd: 3\n")
+    with pytest.raises(CheckpointError, match="did you mean model.n_embd"):
+        rdlm.load_model(tmp_path / "ckpt")

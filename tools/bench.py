@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,8 @@ from rdlm import model  # noqa: E402
 from rdlm.config import load_config  # noqa: E402
 from rdlm.hf import INDEX_FILE, write_hf  # noqa: E402
 from rdlm.flops import forward_flops_per_token  # noqa: E402
-from rdlm.params import ROPE_BUFFER, TIED_HEAD, count_params, init_params, param_specs, rope_buffer_shape  # noqa: E402
+from rdlm.params import (EMBEDDING, ROPE_BUFFER, TIED_HEAD, count_params, init_params, param_specs,  # noqa: E402
+                         rope_buffer_shape, spec_at)
 
 
 def emit(record: dict) -> None:
@@ -95,14 +95,16 @@ def write_synthetic_hf(cfg, dst: Path, dtype: str, shards: int) -> int:
     """An HF directory with CONFIG's official tensor names and shapes, random values, `shards` files."""
     dt = jnp.dtype(dtype)
     specs = [(s.hf_name, s.hf_shape) for s in param_specs(cfg)] + [(ROPE_BUFFER, rope_buffer_shape(cfg))]
-    if cfg.tie_embeddings:
-        specs.append((TIED_HEAD, (cfg.vocab_size, cfg.n_embd)))  # as in the hub's fp32 checkpoint
+    seeds = {name: n for n, (name, _) in enumerate(specs)}
+    if cfg.tie_embeddings:  # as in the hub's fp32 checkpoint: a copy of the embedding
+        specs.append((TIED_HEAD, (cfg.vocab_size, cfg.n_embd)))
+        seeds[TIED_HEAD] = seeds[spec_at(cfg, EMBEDDING).hf_name]
     total = sum(int(np.prod(shape)) * dt.itemsize for _, shape in specs)
-    rng = np.random.default_rng(0)
     dst.mkdir(parents=True)
     written: list[list[str]] = []  # tensor names of each shard file, in order
     shard, size = {}, 0
     for n, (name, shape) in enumerate(specs):
+        rng = np.random.default_rng(seeds[name])
         shard[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(dt)
         size += shard[name].nbytes
         if size >= total / shards or n == len(specs) - 1:
@@ -119,6 +121,15 @@ def write_synthetic_hf(cfg, dst: Path, dtype: str, shards: int) -> int:
     return total
 
 
+# The converter's own peak: VmHWM of the process after exec. (ru_maxrss of a child would include the
+# high-water mark it inherits from this process at fork, which holds the synthetic tensors.)
+_CONVERT_AND_REPORT_PEAK = """import sys
+from rdlm.convert import main
+rc = main(sys.argv[1:])
+print(next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM')))
+sys.exit(rc)"""
+
+
 def bench_convert(args, cfg, base) -> None:
     with tempfile.TemporaryDirectory(prefix="rdlm-bench-convert-", dir=args.workdir) as tmp:
         src, dst = Path(tmp) / "hf", Path(tmp) / "rdlm"
@@ -126,10 +137,10 @@ def bench_convert(args, cfg, base) -> None:
         nbytes = write_synthetic_hf(cfg, src, args.dtype, args.shards)
         made = time.perf_counter() - start
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "rdlm.convert", str(src), str(dst)], check=True, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
+        out = subprocess.run([sys.executable, "-c", _CONVERT_AND_REPORT_PEAK, str(src), str(dst)], check=True,
+                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
         seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
+        peak = int(out.stdout.split()[-1])
         emit(base | dict(dtype=args.dtype, shards=len(list(src.glob("*.safetensors"))), params=count_params(cfg), checkpoint_bytes=nbytes,
                          synth_s=made, seconds=seconds, peak_rss_bytes=peak, peak_rss_gib=peak / 2**30))
 

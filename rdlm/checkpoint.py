@@ -13,7 +13,9 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint.experimental.v1 as ocp
+import grain
+import orbax.checkpoint as ocp
+import orbax.checkpoint.experimental.v1 as ocp_v1
 
 from rdlm.config import Config, ConfigError, load_config
 from rdlm.params import abstract_params
@@ -37,7 +39,7 @@ def load_model(path: str | os.PathLike, dtype: Any = None,
         cfg = load_config(path / CONFIG_FILE)
     except ConfigError as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
-    stored = ocp.metadata(path / PARAMS_DIR).metadata
+    stored = ocp_v1.metadata(path / PARAMS_DIR).metadata
     expected = abstract_params(cfg.model)
     want, treedef = jax.tree_util.tree_flatten_with_path(expected)
     have = jax.tree.leaves(stored)
@@ -50,7 +52,7 @@ def load_model(path: str | os.PathLike, dtype: Any = None,
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(w.shape, jnp.dtype(dtype or h.dtype), sharding=sharding)
                                             for (_, w), h in zip(want, have)])
-    params = ocp.load(path / PARAMS_DIR, abstract)
+    params = ocp_v1.load(path / PARAMS_DIR, abstract)
     return cfg, params
 
 
@@ -70,3 +72,48 @@ def staging_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
         tmp.rename(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- training checkpoints -------------------------------------------------------------------------
+
+
+class TrainCheckpointer:
+    """Orbax CheckpointManager over {train state, data-iterator state, config}: async saves, keep-N,
+    atomic step directories; restore falls back to older steps when the newest one is unreadable."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int, async_save: bool):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+
+    def save(self, step: int, state: Any, data_iterator: Any, config: dict[str, Any]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         data=grain.checkpoint.CheckpointSave(data_iterator),
+                                                         config=ocp.args.JsonSave(config)), force=True)
+
+    def restore_latest(self, template: Any, data_iterator: Any = None) -> tuple[int, Any] | None:
+        """(step, state) of the newest checkpoint that restores, with the shapes, dtypes and shardings of
+        `template`; the data iterator, when given, is restored in place."""
+        items = {"state": ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, template))}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # a damaged step directory: set it aside (kept for inspection), use the one before
+                aside = self.directory / f"{step}.unreadable"
+                (self.directory / str(step)).rename(aside)
+                print(f"warning: checkpoint {self.directory / str(step)} failed to restore "
+                      f"({type(e).__name__}: {str(e)[:300]}); moved to {aside.name}, trying the previous one",
+                      flush=True)
+                continue
+            self.manager.reload()
+            return step, restored.state
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

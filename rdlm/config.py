@@ -146,10 +146,83 @@ _HF_FIXED = {"architecture_class_name": "RecurrentGPT", "block_class_name": "San
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Documents -> tokens -> packed rows. Sources: the bundled Shakespeare plays, text files (one
+    document per file), JSONL (one document per line, field `jsonl_key`), ArrayRecord (one UTF-8
+    document per record)."""
+
+    source: str = field(default="shakespeare", metadata=_check(choices=("shakespeare", "text", "jsonl", "array_record")))
+    paths: tuple = ()  # glob patterns for text / jsonl / array_record
+    jsonl_key: str = "text"
+    tokenizer: str = ""  # sentencepiece model file (tools/train_tokenizer.py makes one)
+    packing: str = field(default="concat", metadata=_check(choices=("concat", "first_fit")))
+    packing_bins: int = field(default=16, metadata=_check(ge=1))  # first_fit only
+    val_fraction: float = field(default=0.05, metadata=_check(ge=0, le=0.5))  # documents held out
+    seed: int = field(default=0, metadata=_check(ge=0))
+    prefetch: int = field(default=2, metadata=_check(ge=0))  # batches prepared by a background thread
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a warmup-stable-decay schedule. Defaults: huginn-0125's launch config
+    (launch_configs/frontier_nebel_512_nodes.yaml: lr 4e-5, betas 0.9/0.95, weight decay 4e-5 fully
+    decoupled, 4096 warmup and 4096 cooldown steps, linear, min lr 0; clip 1.0 from settings.py)."""
+
+    lr: float = field(default=4e-5, metadata=_check(gt=0))
+    b1: float = field(default=0.9, metadata=_check(ge=0, le=1))
+    b2: float = field(default=0.95, metadata=_check(ge=0, le=1))
+    eps: float = field(default=1e-8, metadata=_check(gt=0))
+    weight_decay: float = field(default=4e-5, metadata=_check(ge=0))
+    # Official `decouple_wd`: each step multiplies weights by 1 - weight_decay * lr_t / lr (independent
+    # of the lr's size); False: the usual AdamW 1 - lr_t * weight_decay.
+    decoupled_weight_decay: bool = True
+    warmup_steps: int = field(default=4096, metadata=_check(ge=0))
+    cooldown_steps: int = field(default=4096, metadata=_check(ge=0))
+    min_lr: float = field(default=0.0, metadata=_check(ge=0))
+    grad_clip: float = field(default=1.0, metadata=_check(ge=0))  # global norm; 0 disables
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: batch, sampled recurrence, precision, logging, evaluation."""
+
+    steps: int = field(default=1000, metadata=_check(ge=1))
+    batch_size: int = field(default=8, metadata=_check(ge=1))  # sequences per optimizer step (global)
+    grad_accum: int = field(default=1, metadata=_check(ge=1))  # micro-batches per step
+    seq_len: int = field(default=256, metadata=_check(ge=2))
+    seed: int = field(default=0, metadata=_check(ge=0))
+    # poisson-lognormal: the official sampler around model.mean_recurrence; fixed: always
+    # mean_recurrence steps, of which the last mean_backprop_depth get gradients.
+    recurrence: str = field(default="poisson-lognormal", metadata=_check(choices=("poisson-lognormal", "fixed")))
+    param_dtype: str = field(default="float32", metadata=_check(choices=("float32", "bfloat16")))  # master weights
+    nonfinite: str = field(default="stop", metadata=_check(choices=("stop", "skip")))
+    log_every: int = field(default=10, metadata=_check(ge=1))
+    eval_every: int = field(default=200, metadata=_check(ge=1))
+    eval_batches: int = field(default=8, metadata=_check(ge=1))
+    eval_recurrence: tuple = (1, 4, 8, 16, 32)
+    checkpoint_every: int = field(default=500, metadata=_check(ge=1))
+    keep_checkpoints: int = field(default=3, metadata=_check(ge=1))
+    async_checkpoint: bool = True
+    out_dir: str = "runs/train"
+
+
+@dataclass(frozen=True)
 class Config:
-    """Everything a run needs; sections are added as the project grows (train, data, mesh)."""
+    """Everything a run needs; one section per concern (a mesh section comes with sharding)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.batch_size % self.train.grad_accum:
+            raise ConfigError(f"train.batch_size={self.train.batch_size} must be divisible by "
+                              f"train.grad_accum={self.train.grad_accum}")
+        if self.train.seq_len > self.model.block_size:
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.block_size={self.model.block_size}")
+        if any(not isinstance(r, int) or r < 0 for r in self.train.eval_recurrence):
+            raise ConfigError(f"train.eval_recurrence={list(self.train.eval_recurrence)} must be integers >= 0")
 
 
 # ---- building and validation ---------------------------------------------------------------------
@@ -214,7 +287,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain nested dicts and lists (YAML/JSON-ready)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda kv: {k: list(v) if isinstance(v, tuple) else v for k, v in kv})
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None:

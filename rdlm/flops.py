@@ -1,9 +1,14 @@
-"""Model FLOPs of Huginn, for throughput and MFU figures.
+"""Model FLOPs of Huginn and peak FLOP/s of the device, for throughput and MFU figures.
 
 Convention (PaLM, MaxText): 2 FLOPs per multiply-add of every matmul, attention counted without the
 causal discount. A forward pass at recurrence r runs the prelude and coda once and the adapter and
 core block r times.
 """
+
+import time
+
+import jax
+import jax.numpy as jnp
 
 from rdlm.config import ModelConfig
 
@@ -19,3 +24,40 @@ def forward_flops_per_token(cfg: ModelConfig, num_steps: int, seq: int) -> float
     fixed = (cfg.n_layers_in_prelude + cfg.n_layers_in_coda) * block_flops_per_token(cfg, seq)
     step = cfg.n_layers_in_recurrent_block * block_flops_per_token(cfg, seq) + 2 * 2 * cfg.n_embd * cfg.n_embd
     return fixed + num_steps * step + 2 * cfg.n_embd * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: ModelConfig, n: int, k: int, seq: int) -> float:
+    """Training FLOPs per token of one step: forward + backward (x3) for everything with gradient,
+    forward only (x1) for the n recurrences without gradient. Rematerialisation is not counted."""
+    fixed = (cfg.n_layers_in_prelude + cfg.n_layers_in_coda) * block_flops_per_token(cfg, seq) \
+        + 2 * cfg.n_embd * cfg.vocab_size
+    step = cfg.n_layers_in_recurrent_block * block_flops_per_token(cfg, seq) + 2 * 2 * cfg.n_embd * cfg.n_embd
+    return 3 * fixed + n * step + 3 * k * step
+
+
+# Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor figures).
+_PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+               "NVIDIA A100": 312e12}
+
+
+def measured_matmul_flops(n: int = 2048, iters: int = 5) -> float:
+    """fp32 matmul FLOP/s of the default device, measured (the MFU denominator on CPU)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(iters):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_flops() -> tuple[float, str]:
+    """(FLOP/s of all local devices, how it was found): vendor peak for known TPUs/GPUs, else measured."""
+    kind = jax.devices()[0].device_kind
+    for prefix, per_chip in _PEAK_FLOPS.items():
+        if kind.startswith(prefix):
+            return per_chip * jax.local_device_count(), f"{kind} bf16 peak"
+    return measured_matmul_flops(), f"measured fp32 matmul on {kind}"

@@ -131,7 +131,10 @@ def decode(params: Params, state: jax.Array, rope, mask, cfg: ModelConfig) -> tu
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _forward(params, input_ids, num_steps, init_state, init_scale, rng, positions, segment_ids, cfg: ModelConfig):
+def apply(params: Params, input_ids: jax.Array, num_steps: jax.Array, init_state: jax.Array | None,
+          init_scale: jax.Array, rng: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+          cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """The jitted forward with every argument explicit: (fp32 logits, final latent after ln_f)."""
     rope = rope_angles(positions, cfg.head_dim, cfg.rope_base)
     mask = attention_mask(positions, segment_ids)
     embedded = run_blocks(params["prelude"], embed(params, input_ids, cfg), rope, mask, cfg)
@@ -167,6 +170,56 @@ def forward(params: Params, input_ids: jax.Array, config: ModelConfig, *, num_st
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     rng = jax.random.key(0) if rng is None else rng
-    logits, latents = _forward(params, input_ids, jnp.asarray(num_steps, jnp.int32), init_state,
+    logits, latents = apply(params, input_ids, jnp.asarray(num_steps, jnp.int32), init_state,
                                jnp.asarray(init_scale, jnp.float32), rng, positions, segment_ids, config)
     return (logits, latents) if return_latents else logits
+
+
+# ---- training: sampled depth and truncated backpropagation ---------------------------------------
+
+
+def sample_recurrence(key: jax.Array, cfg: ModelConfig, scheme: str = "poisson-lognormal") -> tuple[jax.Array, jax.Array]:
+    """(n, k): recurrences without and with gradient for one training step.
+
+    The official `randomized_iteration_sampler`: a log-normal Poisson rate with mean
+    `mean_recurrence` (sigma 0.5), p = Poisson(rate) + 1, n = max(p - s, 0), k = min(s, p) with
+    s = mean_backprop_depth. `fixed`: always mean_recurrence steps, the last s of them with gradient.
+    """
+    s = cfg.mean_backprop_depth
+    if scheme == "fixed":
+        return jnp.int32(max(cfg.mean_recurrence - s, 0)), jnp.int32(min(s, cfg.mean_recurrence))
+    t = max(cfg.mean_recurrence - s, 0)
+    sigma = 0.5
+    mu = np.log(t + s) - sigma**2 / 2
+    k_rate, k_poisson = jax.random.split(key)
+    rate = jnp.exp(mu + sigma * jax.random.normal(k_rate))
+    p = jax.random.poisson(k_poisson, rate) + 1
+    return jnp.maximum(p - s, 0).astype(jnp.int32), jnp.minimum(s, p).astype(jnp.int32)
+
+
+def forward_train(params: Params, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                  n: jax.Array, k: jax.Array, rng: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """fp32 logits after n recurrences without gradient and k with it (k <= mean_backprop_depth).
+
+    The n steps run in a `fori_loop` on stop-gradient inputs (n is traced: no recompiles, no
+    activations kept). The k steps run in a `scan` of static length mean_backprop_depth, each under
+    `jax.checkpoint` and skipped (`cond`) past k: activation memory is one latent per step. Gradients
+    reach the prelude through the embedded input injected at each of the k steps, as in the official.
+    """
+    rope = rope_angles(positions, cfg.head_dim, cfg.rope_base)
+    mask = attention_mask(positions, segment_ids)
+    embedded = run_blocks(params["prelude"], embed(params, input_ids, cfg), rope, mask, cfg)
+    state = initial_state(rng, embedded.shape, cfg, jnp.float32(1.0))
+    frozen, frozen_embedded = jax.lax.stop_gradient((params, embedded))
+    state = jax.lax.fori_loop(0, n, lambda _, s: core_step(frozen, s, frozen_embedded, rope, mask, cfg), state)
+    state = jax.lax.stop_gradient(state)
+
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def step(p, s, e):
+        return core_step(p, s, e, rope, mask, cfg)
+
+    def body(s, i):
+        return jax.lax.cond(i < k, lambda s: step(params, s, embedded), lambda s: s, s), None
+
+    state, _ = jax.lax.scan(body, state, jnp.arange(cfg.mean_backprop_depth))
+    return decode(params, state, rope, mask, cfg)[0]

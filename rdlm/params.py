@@ -62,6 +62,7 @@ class ParamSpec:
     hf_shape: tuple[int, ...]
     linear: bool  # official is a Linear weight [out, in]: ours = weight.T reshaped
     init: Init
+    decay: bool = True  # weight decay applies (the official exempts norms and biases)
 
     def from_hf(self, x: np.ndarray) -> np.ndarray:
         """Official tensor -> our layout (same dtype)."""
@@ -83,7 +84,8 @@ def _block(cfg: ModelConfig, path: Path, hf: str) -> list[ParamSpec]:
     std, out = cfg.init_std, cfg.out_proj_std
 
     def norm(n: int) -> ParamSpec:
-        return ParamSpec((*path, f"norm_{n}", "scale"), (e,), ("embed",), f"{hf}.norm_{n}.weight", (e,), False, _ones)
+        return ParamSpec((*path, f"norm_{n}", "scale"), (e,), ("embed",), f"{hf}.norm_{n}.weight", (e,), False, _ones,
+                         decay=False)
 
     rows = [
         norm(1),
@@ -92,7 +94,7 @@ def _block(cfg: ModelConfig, path: Path, hf: str) -> list[ParamSpec]:
     ]
     if cfg.qk_bias:
         rows.append(ParamSpec((*path, "attn", "qk_bias"), (2, h, d), ("qkv", "heads", "head_dim"),
-                              f"{hf}.attn.qk_bias", (2, 1, h, d), False, _zeros))
+                              f"{hf}.attn.qk_bias", (2, 1, h, d), False, _zeros, decay=False))
     rows += [
         ParamSpec((*path, "attn", "proj"), (h, d, e), ("heads", "head_dim", "embed"),
                   f"{hf}.attn.proj.weight", (e, e), True, _trunc_normal(out)),
@@ -117,12 +119,14 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     rows.append(ParamSpec(("adapter", "kernel"), (2 * e, e), ("adapter", "embed"), "transformer.adapter.weight",
                           (e, 2 * e), True, _trunc_normal(std)))
     if cfg.bias:
-        rows.append(ParamSpec(("adapter", "bias"), (e,), ("embed",), "transformer.adapter.bias", (e,), False, _zeros))
+        rows.append(ParamSpec(("adapter", "bias"), (e,), ("embed",), "transformer.adapter.bias", (e,), False, _zeros,
+                              decay=False))
     for n in range(cfg.n_layers_in_recurrent_block):
         rows += _block(cfg, ("core", n), f"transformer.core_block.{n}")
     for n in range(cfg.n_layers_in_coda):
         rows += _block(cfg, ("coda", n), f"transformer.coda.{n}")
-    rows.append(ParamSpec(("ln_f", "scale"), (e,), ("embed",), "transformer.ln_f.weight", (e,), False, _ones))
+    rows.append(ParamSpec(("ln_f", "scale"), (e,), ("embed",), "transformer.ln_f.weight", (e,), False, _ones,
+                          decay=False))
     if not cfg.tie_embeddings:
         rows.append(ParamSpec(("lm_head", "kernel"), (e, v), ("embed", "vocab"), TIED_HEAD, (v, e), True,
                               _trunc_normal(std)))
@@ -186,6 +190,11 @@ def abstract_params(cfg: ModelConfig, dtype: Any = jnp.float32) -> dict[str, Any
 def logical_axes(cfg: ModelConfig) -> dict[str, Any]:
     """Pytree of logical axis names, same structure as the parameters."""
     return unflatten({s.path: s.axes for s in param_specs(cfg)})
+
+
+def decay_mask(cfg: ModelConfig) -> dict[str, Any]:
+    """Pytree of booleans: which parameters get weight decay."""
+    return unflatten({s.path: s.decay for s in param_specs(cfg)})
 
 
 def count_params(cfg: ModelConfig) -> int:

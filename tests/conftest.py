@@ -24,3 +24,20 @@ def official(request):
 def rel_l2(ours, theirs) -> float:
     ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
     return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    """A 512-piece sentencepiece model trained on the bundled Shakespeare training documents."""
+    from rdlm.config import DataConfig
+    from rdlm.data import load_documents, split_documents, train_tokenizer
+
+    docs, _ = split_documents(load_documents(DataConfig()), DataConfig().val_fraction)
+    return str(train_tokenizer(docs, tmp_path_factory.mktemp("tok") / "sp", 512))
+
+
+@pytest.fixture
+def train_overrides(tokenizer_path, tmp_path):
+    """Overrides that make the tiny preset trainable on the bundled corpus in seconds."""
+    return ["model.vocab_size=512", f"data.tokenizer={tokenizer_path}", f"train.out_dir={tmp_path / 'run'}",
+            "data.prefetch=0"]

@@ -84,3 +84,19 @@ def test_hf_config_rejects_what_we_do_not_implement(key, value, message):
     with pytest.raises(ConfigError) as err:
         ModelConfig.from_hf_dict(hf)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("preset", ["huginn_0125", "tiny", "demo"])
+def test_every_preset_loads_and_round_trips(preset, tmp_path):
+    cfg = load_config(preset)
+    dump_config(cfg, tmp_path / "c.yml")
+    assert load_config(tmp_path / "c.yml") == cfg
+
+
+def test_cross_section_checks():
+    with pytest.raises(ConfigError, match="train.seq_len=64 exceeds model.block_size=32"):
+        load_config("tiny", ["train.seq_len=64"])
+    with pytest.raises(ConfigError, match="train.batch_size=4 must be divisible by train.grad_accum=3"):
+        load_config("tiny", ["train.grad_accum=3"])
+    with pytest.raises(ConfigError, match="train.recurrence: 'random' is not one of"):
+        load_config("tiny", ["train.recurrence=random"])

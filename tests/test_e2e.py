@@ -40,3 +40,30 @@ def test_bench_convert_on_tiny_shapes():
     out = run("tools/bench.py", "convert", "tiny", "--shards", "3", "--dtype", "float32")
     (record,) = [json.loads(line) for line in out.splitlines()]
     assert record["shards"] == 3 and record["peak_rss_bytes"] > 0 and record["seconds"] > 0
+
+
+def test_tokenizer_train_and_sweep_clis(tmp_path):
+    out = run("tools/train_tokenizer.py", "tiny", "model.vocab_size=400", "--vocab-size", "400",
+              "--out", str(tmp_path / "tok"))
+    assert "400 pieces" in out
+    overrides = ["model.vocab_size=400", f"data.tokenizer={tmp_path / 'tok.model'}", f"train.out_dir={tmp_path / 'run'}",
+                 "train.steps=4", "train.eval_every=4", "train.checkpoint_every=2"]
+    out = run("-m", "rdlm.train", "tiny", *overrides)
+    assert "4/20" not in out and "     4/4 |" in out and "val r=1" in out
+    out = run("experiments/recurrence_sweep.py", str(tmp_path / "run"), "--recurrence", "1,2,4", "--batches", "2",
+              "--sample-tokens", "5")
+    assert "at step 4" in out and (tmp_path / "run" / "recurrence_sweep.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "run" / "recurrence_sweep.json").read_text())["step"] == 4
+
+
+def test_train_cli_reports_bad_config():
+    out = subprocess.run([sys.executable, "-m", "rdlm.train", "tiny", "train.stpes=3"], capture_output=True,
+                         text=True, env=ENV, cwd=REPO, timeout=600)
+    assert out.returncode == 1 and "did you mean train.steps" in out.stderr
+
+
+def test_bench_train_memory_is_flat_in_mean_recurrence():
+    out = run("tools/bench.py", "train", "tiny", "--batch", "2", "--seq", "16", "--steps", "4,64", "--iters", "1")
+    small, large = [json.loads(line) for line in out.splitlines()]
+    assert (small["n"], small["k"], large["n"], large["k"]) == (0, 4, 60, 4)
+    assert abs(large["temp_bytes"] - small["temp_bytes"]) <= 0.1 * small["temp_bytes"]

@@ -41,10 +41,10 @@ def test_latents_match_official(official):
 
 def test_one_compile_serves_every_num_steps(tiny_params):
     ids = jnp.zeros((2, 8), jnp.int32)
-    model._forward.clear_cache()
+    model.apply.clear_cache()
     a = rdlm.forward(tiny_params, ids, TINY, num_steps=1)
     b = rdlm.forward(tiny_params, ids, TINY, num_steps=64)
-    assert model._forward._cache_size() == 1
+    assert model.apply._cache_size() == 1
     assert not np.allclose(a, b)
 
 

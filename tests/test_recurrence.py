@@ -1,0 +1,89 @@
+"""Sampled recurrence and truncated backpropagation (the training forward)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rdlm import model
+from rdlm.config import load_config
+from rdlm.params import init_params
+
+TINY = load_config("tiny").model
+
+
+def test_sampler_matches_the_official_distribution():
+    """n + k = p = Poisson(LogNormal(log(mean) - 1/8, 1/2)) + 1; k = min(s, p), n = max(p - s, 0)."""
+    cfg = dataclasses.replace(TINY, mean_recurrence=32, mean_backprop_depth=8)
+    keys = jax.random.split(jax.random.key(0), 40000)
+    n, k = jax.vmap(lambda key: model.sample_recurrence(key, cfg))(keys)
+    n, k = np.asarray(n), np.asarray(k)
+    p = n + k
+    np.testing.assert_array_equal(k, np.minimum(8, p))
+    np.testing.assert_array_equal(n, np.maximum(p - 8, 0))
+    rng = np.random.default_rng(0)  # the same law drawn with numpy
+    ref = rng.poisson(rng.lognormal(np.log(32) - 0.125, 0.5, 40000)) + 1
+    assert p.mean() == pytest.approx(ref.mean(), rel=0.02)  # both ~33
+    assert p.std() == pytest.approx(ref.std(), rel=0.05)
+    assert np.quantile(p, 0.9) == pytest.approx(np.quantile(ref, 0.9), rel=0.05)
+    assert p.min() >= 1
+
+
+def test_sampler_is_a_function_of_the_key_and_fixed_is_fixed():
+    a = model.sample_recurrence(jax.random.key(5), TINY)
+    assert a == model.sample_recurrence(jax.random.key(5), TINY)
+    assert model.sample_recurrence(jax.random.key(5), TINY, "fixed") == (4, 4)
+
+
+def _unrolled(params, ids, pos, seg, n, k, rng, cfg):
+    """Reference: plain Python loops, stop_gradient around the n steps."""
+    rope, mask = model.rope_angles(pos, cfg.head_dim, cfg.rope_base), model.attention_mask(pos, seg)
+    e = model.run_blocks(params["prelude"], model.embed(params, ids, cfg), rope, mask, cfg)
+    s = model.initial_state(rng, e.shape, cfg, jnp.float32(1.0))
+    for _ in range(n):
+        s = model.core_step(jax.lax.stop_gradient(params), s, jax.lax.stop_gradient(e), rope, mask, cfg)
+    s = jax.lax.stop_gradient(s)
+    for _ in range(k):
+        s = model.core_step(params, s, e, rope, mask, cfg)
+    return model.decode(params, s, rope, mask, cfg)[0]
+
+
+def test_truncated_backprop_gradients_equal_unrolled_reference():
+    params = init_params(TINY, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    seg = jnp.array([[1] * 9 + [2] * 7, [1] * 16])
+
+    def loss(fn, p, n, k):
+        logits = fn(p, ids, pos, seg, n, k, jax.random.key(3), TINY)
+        return jnp.mean(logits * jnp.cos(jnp.arange(TINY.vocab_size)))  # any non-trivial scalar
+
+    grad = jax.jit(jax.grad(lambda p, n, k: loss(model.forward_train, p, n, k)))
+    for n, k in [(0, 4), (3, 2), (6, 4), (2, 0)]:
+        ours = grad(params, jnp.int32(n), jnp.int32(k))
+        ref = jax.grad(lambda q, n=n, k=k: loss(_unrolled, q, n, k))(params)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()) + 1e-12)
+    assert grad._cache_size() == 1  # every (n, k) from one compile
+    zero_k = grad(params, jnp.int32(5), jnp.int32(0))
+    assert float(jnp.abs(zero_k["core"][0]["mlp"]["fc"]).max()) == 0  # core gets no gradient without grad steps
+
+
+def _temp_bytes(cfg):
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    ids = jax.ShapeDtypeStruct((2, 32), jnp.int32)
+
+    def loss(p, ids, n, k):
+        return model.forward_train(p, ids, ids, ids, n, k, jax.random.key(0), cfg).mean()
+    compiled = jax.jit(jax.grad(loss)).lower(params, ids, jnp.int32(0), jnp.int32(0)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_activation_memory_does_not_grow_with_mean_recurrence():
+    small = _temp_bytes(dataclasses.replace(TINY, mean_recurrence=4, mean_backprop_depth=4))
+    large = _temp_bytes(dataclasses.replace(TINY, mean_recurrence=64, mean_backprop_depth=4))
+    deeper_backprop = _temp_bytes(dataclasses.replace(TINY, mean_recurrence=64, mean_backprop_depth=16))
+    assert abs(large - small) <= 0.1 * small
+    assert deeper_backprop > small  # what does grow: the k_max latents kept for the backward pass

@@ -1,0 +1,103 @@
+"""The training loop: exact resume, preemption, non-finite losses, damaged checkpoints."""
+
+import json
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+import rdlm.train as train_mod
+from rdlm.config import load_config
+from rdlm.train import TrainingError, load_trained, train
+
+pytestmark = pytest.mark.slow
+
+
+def config(overrides, *extra):
+    return load_config("tiny", [*overrides, "train.eval_every=1000", "train.checkpoint_every=1000", *extra])
+
+
+def assert_bitwise_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32))
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(train_overrides, tmp_path):
+    full = train(config(train_overrides, "train.steps=8", f"train.out_dir={tmp_path / 'a'}",
+                        "train.grad_accum=2"))
+    cfg = config(train_overrides, "train.steps=8", f"train.out_dir={tmp_path / 'b'}", "train.grad_accum=2")
+    first = train(cfg, should_stop=lambda step: step == 3)
+    assert first["step"] == 3
+    second = train(cfg)
+    assert second["start_step"] == 3 and second["step"] == 8
+    assert_bitwise_equal(full["params"], second["params"])
+    _, params, step = load_trained(tmp_path / "b")
+    assert step == 8
+    assert_bitwise_equal(params, full["params"])
+
+
+def test_sigterm_saves_and_stops(train_overrides, tmp_path):
+    def preempt(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return False
+    summary = train(config(train_overrides, "train.steps=6"), should_stop=preempt)
+    assert summary["step"] == 2
+    run = load_config("tiny", train_overrides).train.out_dir
+    assert sorted(os.listdir(f"{run}/checkpoints")) == ["2"]
+
+
+def test_nonfinite_loss_stops_without_saving(train_overrides, monkeypatch):
+    real = train_mod.token_nll
+    monkeypatch.setattr(train_mod, "token_nll", lambda *a: (real(*a)[0] * np.nan, real(*a)[1]))
+    cfg = config(train_overrides, "train.steps=4", "train.checkpoint_every=1")
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 1 \(loss=nan"):
+        train(cfg)
+    assert os.listdir(f"{cfg.train.out_dir}/checkpoints") == []
+
+
+def test_nonfinite_steps_can_be_skipped(train_overrides, monkeypatch):
+    real = train_mod.token_nll
+    monkeypatch.setattr(train_mod, "token_nll", lambda *a: (real(*a)[0] * np.nan, real(*a)[1]))
+    cfg = config(train_overrides, "train.steps=3", "train.nonfinite=skip", "train.log_every=1")
+    summary = train(cfg)
+    init = train_mod.init_state(cfg, train_mod.make_optimizer(cfg.optim, cfg.model, 3))["params"]
+    assert_bitwise_equal(summary["params"], init)  # no update was applied
+    rows = [json.loads(line) for line in open(f"{cfg.train.out_dir}/metrics.jsonl")]
+    assert [r["skipped"] for r in rows if "skipped" in r] == [1, 1, 1]
+
+
+def test_damaged_newest_checkpoint_falls_back_to_previous(train_overrides, capsys):
+    cfg = config(train_overrides, "train.steps=4", "train.checkpoint_every=2")
+    train(cfg)
+    damaged = f"{cfg.train.out_dir}/checkpoints/4/state"
+    shutil.rmtree(f"{damaged}/d")
+    for f in os.listdir(f"{damaged}/ocdbt.process_0/d"):
+        os.remove(f"{damaged}/ocdbt.process_0/d/{f}")
+    summary = train(config(train_overrides, "train.steps=5", "train.checkpoint_every=2"))
+    assert summary["start_step"] == 2
+    assert f"checkpoint {cfg.train.out_dir}/checkpoints/4 failed to restore" in capsys.readouterr().out
+    assert sorted(os.listdir(f"{cfg.train.out_dir}/checkpoints")) == ["2", "4", "4.unreadable", "5"]
+
+
+def test_resume_with_other_model_is_refused(train_overrides):
+    train(config(train_overrides, "train.steps=1"))
+    with pytest.raises(TrainingError, match="different settings for model.n_embd, optim.lr"):
+        train(config(train_overrides, "train.steps=2", "model.n_embd=64", "optim.lr=0.5"))
+
+
+def test_run_folder_contents(train_overrides):
+    cfg = config(train_overrides, "train.steps=4", "train.eval_every=2", "train.log_every=2")
+    summary = train(cfg)
+    out = cfg.train.out_dir
+    assert load_config(f"{out}/config.yml") == cfg
+    rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    evals = [r["eval"] for r in rows if "eval" in r]
+    assert len(evals) == 2 and set(evals[0]) == {"1", "4", "8"}
+    logs = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in logs] == [2, 4] and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in logs)
+    assert all(0 <= r["k"] <= 4 for r in logs)
+    assert set(summary["eval"]) == {1, 4, 8}

@@ -215,7 +215,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def __post_init__(self) -> None:
+    def check_trainable(self) -> None:
+        """Cross-section constraints of a training run (a model-only config need not meet them)."""
         if self.train.batch_size % self.train.grad_accum:
             raise ConfigError(f"train.batch_size={self.train.batch_size} must be divisible by "
                               f"train.grad_accum={self.train.grad_accum}")

@@ -159,6 +159,7 @@ def _check_resume(config: Config, saved: Path) -> None:
 def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns a summary. `should_stop(step)` can end the run early with a
     checkpoint, as SIGTERM (preemption) does."""
+    config.check_trainable()
     tc, cfg = config.train, config.model
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import grain
 import jax
 import jax.numpy as jnp
-import grain
 import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocp_v1
+from etils import epath
 
 from rdlm.config import Config, ConfigError, load_config
 from rdlm.params import abstract_params
@@ -82,15 +83,19 @@ class TrainCheckpointer:
     atomic step directories; restore falls back to older steps when the newest one is unreadable."""
 
     def __init__(self, directory: str | os.PathLike, keep: int, async_save: bool):
-        self.directory = Path(directory).absolute()
+        self.directory = epath.Path(directory)  # local or gs://
+        if not str(directory).startswith("gs://"):
+            self.directory = self.directory.absolute()
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
 
     def save(self, step: int, state: Any, data_iterator: Any, config: dict[str, Any]) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         data=grain.checkpoint.CheckpointSave(data_iterator),
-                                                         config=ocp.args.JsonSave(config)), force=True)
+        """Every process calls this (each writes its shards and its own data-iterator state)."""
+        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore_latest(self, template: Any, data_iterator: Any = None) -> tuple[int, Any] | None:
         """(step, state) of the newest checkpoint that restores, with the shapes, dtypes and shardings of

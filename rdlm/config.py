@@ -203,17 +203,75 @@ class TrainConfig:
     checkpoint_every: int = field(default=500, metadata=_check(ge=1))
     keep_checkpoints: int = field(default=3, metadata=_check(ge=1))
     async_checkpoint: bool = True
-    out_dir: str = "runs/train"
+    out_dir: str = "runs/train"  # config.yml, metrics.jsonl (process 0); local
+    checkpoint_dir: str = ""  # default: {out_dir}/checkpoints; multi-host runs need shared storage (gs://...)
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+MeshAxes = str | tuple | None  # one mesh axis, several (sharded over their product), or None: replicated
+
+
+@dataclass(frozen=True)
+class RulesConfig:
+    """Logical axis -> mesh axes, one table for every parameter, optimizer state and activation.
+
+    Defaults: FSDP over the embedding dimension of every weight, tensor parallelism over heads, MLP
+    columns and vocabulary (only meaningful where mesh.tensor divides them: huginn-0125's 55 heads do
+    not divide 2, 4 or 8, so use mesh.tensor=1 or set `mesh.rules.heads=null`), batch over data x fsdp.
+    A rule that does not divide a dimension is an error, never a silent replication.
+    """
+
+    batch: MeshAxes = ("data", "fsdp")
+    length: MeshAxes = None
+    activation_embed: MeshAxes = None
+    vocab: MeshAxes = "tensor"
+    embed: MeshAxes = "fsdp"
+    heads: MeshAxes = "tensor"
+    head_dim: MeshAxes = None
+    qkv: MeshAxes = None
+    gate: MeshAxes = None
+    mlp: MeshAxes = "tensor"
+    adapter: MeshAxes = None
+
+    def __post_init__(self) -> None:
+        for name in (f.name for f in dataclasses.fields(self)):
+            value = getattr(self, name)
+            axes = value if isinstance(value, tuple) else () if value is None else (value,)
+            bad = [a for a in axes if a not in MESH_AXES]
+            if bad:
+                raise ConfigError(f"mesh.rules.{name}: {bad[0]!r} is not a mesh axis; valid: {list(MESH_AXES)} or null")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh (data, fsdp, tensor); -1 takes the remaining devices. Multi-host: on Cloud TPU VMs
+    jax.distributed is initialised automatically; elsewhere give coordinator, num_processes, process_id."""
+
+    data: int = field(default=-1, metadata=_check(ge=-1))
+    fsdp: int = field(default=1, metadata=_check(ge=-1))
+    tensor: int = field(default=1, metadata=_check(ge=-1))
+    rules: RulesConfig = field(default_factory=RulesConfig)
+    coordinator: str = ""  # host:port of process 0, for multi-process runs outside Cloud TPU
+    num_processes: int = field(default=1, metadata=_check(ge=1))
+    process_id: int = field(default=0, metadata=_check(ge=0))
+
+    def __post_init__(self) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if 0 in sizes.values():
+            raise ConfigError(f"mesh axis sizes must be >= 1 or -1 (fill), got {sizes}")
+        if list(sizes.values()).count(-1) > 1:
+            raise ConfigError(f"at most one mesh axis may be -1 (fill), got {sizes}")
 
 
 @dataclass(frozen=True)
 class Config:
-    """Everything a run needs; one section per concern (a mesh section comes with sharding)."""
+    """Everything a run needs; one section per concern."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
     def check_trainable(self) -> None:
         """Cross-section constraints of a training run (a model-only config need not meet them)."""
@@ -239,7 +297,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        tp = next(a for a in args if a is not type(None))
+        for member in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, member, key)
+            except ConfigError:
+                pass
+        names = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is tuple and isinstance(value, (list, tuple)):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -126,6 +127,10 @@ def _to_batch_row(row: dict[str, np.ndarray]) -> Batch:
             "positions": row["inputs_positions"], "loss_mask": (row["targets_segment_ids"] > 0).astype(np.int32)}
 
 
+def _pad_rows(batch: Batch, rows: int) -> Batch:
+    return {k: np.pad(v, [(0, rows - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+
+
 def make_dataset(docs: list[str], tokenizer: Tokenizer, cfg: DataConfig, *, seq_len: int, per_host_batch: int,
                  train: bool, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Batches of packed rows `[per_host_batch, seq_len]` for this host (one infinite stream when `train`)."""
@@ -145,6 +150,8 @@ def make_dataset(docs: list[str], tokenizer: Tokenizer, cfg: DataConfig, *, seq_
         it = grain.experimental.FirstFitPackIterDataset(it, length_struct=length, num_packing_bins=cfg.packing_bins,
                                                         seed=cfg.seed, shuffle_bins=train)
     it = it.map(_to_batch_row).batch(per_host_batch, drop_remainder=train)
+    if not train:  # the last evaluation batch is padded with empty rows (loss_mask 0): fixed shapes
+        it = it.map(partial(_pad_rows, rows=per_host_batch))
     if cfg.prefetch:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch)
     return it

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rdlm.config import ModelConfig
+from rdlm.sharding import constrain
 
 Params = dict[str, Any]
 
@@ -79,9 +80,14 @@ def sandwich_block(p: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array], m
     return rms_norm(gated_mlp(p["mlp"], rms_norm(x, p["norm_3"]["scale"], eps)) + x, p["norm_4"]["scale"], eps)
 
 
-def run_blocks(blocks: list[Params], x: jax.Array, rope, mask, cfg: ModelConfig) -> jax.Array:
+HIDDEN = ("batch", "length", "activation_embed")  # logical axes of the residual stream
+
+
+def run_blocks(blocks: list[Params], x: jax.Array, rope, mask, cfg: ModelConfig, remat: bool = False) -> jax.Array:
+    """The blocks in order; with `remat`, each block's activations are recomputed in the backward pass."""
+    block = jax.checkpoint(sandwich_block, static_argnums=(4,)) if remat else sandwich_block
     for p in blocks:
-        x = sandwich_block(p, x, rope, mask, cfg)
+        x = constrain(block(p, x, rope, mask, cfg), HIDDEN)
     return x
 
 
@@ -117,10 +123,11 @@ def core_step(params: Params, state: jax.Array, embedded: jax.Array, rope, mask,
     return run_blocks(params["core"], x, rope, mask, cfg)
 
 
-def decode(params: Params, state: jax.Array, rope, mask, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+def decode(params: Params, state: jax.Array, rope, mask, cfg: ModelConfig,
+           remat: bool = False) -> tuple[jax.Array, jax.Array]:
     """Final latent -> (fp32 logits, normed latent): ln_f, coda, ln_f again, tied (or own) lm head."""
     latent = rms_norm(state, params["ln_f"]["scale"], cfg.norm_eps)
-    x = rms_norm(run_blocks(params["coda"], latent, rope, mask, cfg), params["ln_f"]["scale"], cfg.norm_eps)
+    x = rms_norm(run_blocks(params["coda"], latent, rope, mask, cfg, remat), params["ln_f"]["scale"], cfg.norm_eps)
     if cfg.tie_embeddings:
         logits = jnp.einsum("bse,ve->bsv", x, params["wte"]["embedding"].astype(x.dtype),
                             preferred_element_type=jnp.float32)
@@ -203,12 +210,13 @@ def forward_train(params: Params, input_ids: jax.Array, positions: jax.Array, se
 
     The n steps run in a `fori_loop` on stop-gradient inputs (n is traced: no recompiles, no
     activations kept). The k steps run in a `scan` of static length mean_backprop_depth, each under
-    `jax.checkpoint` and skipped (`cond`) past k: activation memory is one latent per step. Gradients
+    `jax.checkpoint` and skipped (`cond`) past k: activation memory is one latent per step (prelude and
+    coda blocks are rematerialised too). Gradients
     reach the prelude through the embedded input injected at each of the k steps, as in the official.
     """
     rope = rope_angles(positions, cfg.head_dim, cfg.rope_base)
     mask = attention_mask(positions, segment_ids)
-    embedded = run_blocks(params["prelude"], embed(params, input_ids, cfg), rope, mask, cfg)
+    embedded = run_blocks(params["prelude"], embed(params, input_ids, cfg), rope, mask, cfg, remat=True)
     state = initial_state(rng, embedded.shape, cfg, jnp.float32(1.0))
     frozen, frozen_embedded = jax.lax.stop_gradient((params, embedded))
     state = jax.lax.fori_loop(0, n, lambda _, s: core_step(frozen, s, frozen_embedded, rope, mask, cfg), state)
@@ -222,4 +230,4 @@ def forward_train(params: Params, input_ids: jax.Array, positions: jax.Array, se
         return jax.lax.cond(i < k, lambda s: step(params, s, embedded), lambda s: s, s), None
 
     state, _ = jax.lax.scan(body, state, jnp.arange(cfg.mean_backprop_depth))
-    return decode(params, state, rope, mask, cfg)[0]
+    return decode(params, state, rope, mask, cfg, remat=True)[0]

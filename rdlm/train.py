@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from rdlm import model
 from rdlm.checkpoint import TrainCheckpointer
@@ -26,6 +27,8 @@ from rdlm.data import Batch, Tokenizer, eval_batches, load_documents, make_datas
 from rdlm.flops import peak_flops, train_flops_per_token
 from rdlm.optim import lr_schedule, make_optimizer
 from rdlm.params import init_params
+from rdlm.sharding import (activate, batch_sharding, constrain_params, global_batch, initialize_distributed,
+                           make_mesh, state_shardings)
 
 State = dict[str, Any]
 
@@ -56,30 +59,35 @@ def init_state(config: Config, optimizer) -> State:
             "rng": jax.random.key_data(jax.random.key(config.train.seed))}
 
 
-def make_train_step(config: Config, optimizer) -> Callable:
-    """jitted (state, batch, n, k) -> (state, metrics); gradients summed over `grad_accum` micro-batches,
-    normalised by the number of target tokens. A non-finite loss or gradient leaves params unchanged."""
-    cfg, accum = config.model, config.train.grad_accum
+def loss_and_grads(params, batch: Batch, n, k, key, config: Config):
+    """(mean loss, gradients of the mean, target tokens) over `train.grad_accum` micro-batches: sums of
+    token losses and gradients, normalised once by the total number of target tokens."""
+    accum = config.train.grad_accum
+    # micro-batch i takes rows i, i + accum, ...: each device's rows split evenly, no resharding
+    micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+    grad_fn = jax.value_and_grad(_loss, has_aux=True)
+
+    def accumulate(carry, xs):
+        grads, loss, tokens = carry
+        mb, i = xs
+        (l, t), g = grad_fn(params, mb, n, k, jax.random.fold_in(key, i), config.model)
+        return (constrain_params(jax.tree.map(jnp.add, grads, g), config.model), loss + l, tokens + t), None
+
+    zeros = constrain_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), config.model)
+    (grads, loss, tokens), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, jnp.arange(accum)))
+    tokens = jnp.maximum(tokens, 1.0)
+    return loss / tokens, jax.tree.map(lambda g: g / tokens, grads), tokens
+
+
+def make_train_step(config: Config, optimizer, shardings: tuple[Any, Any] | None = None) -> Callable:
+    """jitted (state, batch, n, k) -> (state, metrics). A non-finite loss or gradient leaves params and
+    optimizer state unchanged. With `shardings` = (state, batch) shardings, jit pins inputs and outputs."""
     schedule = lr_schedule(config.optim, config.train.steps)
 
-    @functools.partial(jax.jit, donate_argnums=0)
     def step(state: State, batch: Batch, n: jax.Array, k: jax.Array):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
-        grad_fn = jax.value_and_grad(_loss, has_aux=True)
-
-        def accumulate(carry, xs):
-            grads, loss, tokens = carry
-            mb, i = xs
-            (l, t), g = grad_fn(state["params"], mb, n, k, jax.random.fold_in(key, i), cfg)
-            return (jax.tree.map(jnp.add, grads, g), loss + l, tokens + t), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
-        (grads, loss, tokens), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, jnp.arange(accum)))
-        tokens = jnp.maximum(tokens, 1.0)
-        grads = jax.tree.map(lambda g: g / tokens, grads)
-        loss = loss / tokens
-        grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+        loss, grads, tokens = loss_and_grads(state["params"], batch, n, k, key, config)
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -90,7 +98,11 @@ def make_train_step(config: Config, optimizer) -> Callable:
                    "finite": finite}
         return new_state, metrics
 
-    return step
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    state_sh, batch_sh = shardings
+    return jax.jit(step, in_shardings=(state_sh, batch_sh, None, None), out_shardings=(state_sh, None),
+                   donate_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -160,7 +172,8 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
     """Run (or resume) training; returns a summary. `should_stop(step)` can end the run early with a
     checkpoint, as SIGTERM (preemption) does."""
     config.check_trainable()
-    tc, cfg = config.train, config.model
+    initialize_distributed(config.mesh)
+    tc, cfg, rules = config.train, config.model, config.mesh.rules
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
@@ -169,19 +182,25 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
     if lead:
         dump_config(config, out / "config.yml")
 
+    mesh = make_mesh(config.mesh)
+    optimizer = make_optimizer(config.optim, cfg, tc.steps)
+    new_state = lambda: init_state(config, optimizer)  # noqa: E731
+    state_sh = state_shardings(jax.eval_shape(new_state), optimizer, cfg, rules, mesh)
+    batch_sh = batch_sharding(rules, mesh)
+    step_fn = make_train_step(config, optimizer, (state_sh, batch_sh))
+    state = jax.jit(new_state, out_shardings=state_sh)()  # created sharded: never whole on one device
+
     tokenizer = Tokenizer(config.data.tokenizer, vocab_limit=cfg.vocab_size)
     train_docs, val_docs = split_documents(load_documents(config.data), config.data.val_fraction)
     host_batch = tc.batch_size // jax.process_count()
     common = dict(tokenizer=tokenizer, cfg=config.data, seq_len=tc.seq_len, process_index=jax.process_index(),
                   process_count=jax.process_count())
     train_iter = iter(make_dataset(train_docs, per_host_batch=host_batch, train=True, **common))
-    val_set = [jax.tree.map(jnp.asarray, b) for b in eval_batches(
+    val_set = [global_batch(b, batch_sh) for b in eval_batches(
         make_dataset(val_docs, per_host_batch=host_batch, train=False, **common), tc.eval_batches)] if val_docs else []
 
-    optimizer = make_optimizer(config.optim, cfg, tc.steps)
-    step_fn = make_train_step(config, optimizer)
-    checkpointer = TrainCheckpointer(out / "checkpoints", tc.keep_checkpoints, tc.async_checkpoint)
-    state = init_state(config, optimizer)
+    checkpointer = TrainCheckpointer(tc.checkpoint_dir or out / "checkpoints", tc.keep_checkpoints,
+                                     tc.async_checkpoint)
     restored = checkpointer.restore_latest(state, train_iter)
     if restored:
         step0, state = restored
@@ -196,48 +215,49 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
     window = {"flops": 0.0, "tokens": 0, "time": time.time(), "skipped": 0}
     summary: dict[str, Any] = {"start_step": step}
     try:
-        while step < tc.steps:
-            batch = jax.tree.map(jnp.asarray, next(train_iter))
-            n, k = (int(x) for x in _sample(state["rng"], jnp.int32(step), cfg, tc.recurrence))
-            state, metrics = step_fn(state, batch, jnp.int32(n), jnp.int32(k))
-            step += 1
-            if step == summary["start_step"] + 1:  # the first step compiles: keep it out of throughput
-                jax.block_until_ready(state)
-                log.record(event="compiled", step=step, compile_s=time.time() - window["time"])
-                window["time"], window["flops"], window["tokens"] = time.time(), 0.0, 0
-            row_tokens = tc.batch_size * tc.seq_len
-            window["flops"] += train_flops_per_token(cfg, n, k, tc.seq_len) * row_tokens
-            window["tokens"] += row_tokens
-            if not bool(metrics["finite"]):
-                if tc.nonfinite == "stop":
-                    checkpointer.wait()
-                    raise TrainingError(
-                        f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, "
-                        f"grad_norm={float(metrics['grad_norm'])}, depth n={n} k={k}); nothing was saved for this "
-                        f"step; last checkpoints: {sorted(checkpointer.manager.all_steps())} in "
-                        f"{checkpointer.directory} (train.nonfinite=skip skips such steps instead)")
-                window["skipped"] += 1
-            if step % tc.log_every == 0 or step == tc.steps:
-                elapsed = time.time() - window["time"]
-                row = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                       "lr": float(metrics["lr"]), "n": n, "k": k, "tokens_per_s": window["tokens"] / elapsed,
-                       "mfu": window["flops"] / elapsed / peak, "skipped": window["skipped"]}
-                log.record(**row)
-                log.line(step, f"loss {row['loss']:.4f} | depth {n}+{k} | {row['tokens_per_s']:,.0f} tok/s | "
-                               f"MFU {100 * row['mfu']:.1f}% | lr {row['lr']:.2e}")
-                window = {"flops": 0.0, "tokens": 0, "time": time.time(), "skipped": 0}
-                summary["loss"] = row["loss"]
-            if val_set and (step % tc.eval_every == 0 or step == tc.steps):
-                losses = evaluate(state["params"], val_set, tc.eval_recurrence, cfg)
-                log.record(step=step, eval=losses)
-                log.line(step, "val " + "  ".join(f"r={r}: {v:.3f}" for r, v in losses.items()))
-                summary["eval"] = losses
-            stop = (should_stop is not None and should_stop(step)) or bool(preempted)
-            if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
-                checkpointer.save(step, state, train_iter, to_dict(config))
-            if stop:
-                print(f"stopping at step {step} (preemption); checkpoint saved in {checkpointer.directory}", flush=True)
-                break
+        with activate(mesh, rules):  # activations are pinned to the rules while tracing
+            while step < tc.steps:
+                batch = global_batch(next(train_iter), batch_sh)
+                n, k = (int(x) for x in _sample(state["rng"], jnp.int32(step), cfg, tc.recurrence))
+                state, metrics = step_fn(state, batch, jnp.int32(n), jnp.int32(k))
+                step += 1
+                if step == summary["start_step"] + 1:  # the first step compiles: keep it out of throughput
+                    jax.block_until_ready(state)
+                    log.record(event="compiled", step=step, compile_s=time.time() - window["time"])
+                    window["time"], window["flops"], window["tokens"] = time.time(), 0.0, 0
+                row_tokens = tc.batch_size * tc.seq_len
+                window["flops"] += train_flops_per_token(cfg, n, k, tc.seq_len) * row_tokens
+                window["tokens"] += row_tokens
+                if not bool(metrics["finite"]):
+                    if tc.nonfinite == "stop":
+                        checkpointer.wait()
+                        raise TrainingError(
+                            f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}, "
+                            f"grad_norm={float(metrics['grad_norm'])}, depth n={n} k={k}); nothing was saved for this "
+                            f"step; last checkpoints: {sorted(checkpointer.manager.all_steps())} in "
+                            f"{checkpointer.directory} (train.nonfinite=skip skips such steps instead)")
+                    window["skipped"] += 1
+                if step % tc.log_every == 0 or step == tc.steps:
+                    elapsed = time.time() - window["time"]
+                    row = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                           "lr": float(metrics["lr"]), "n": n, "k": k, "tokens_per_s": window["tokens"] / elapsed,
+                           "mfu": window["flops"] / elapsed / peak, "skipped": window["skipped"]}
+                    log.record(**row)
+                    log.line(step, f"loss {row['loss']:.4f} | depth {n}+{k} | {row['tokens_per_s']:,.0f} tok/s | "
+                                   f"MFU {100 * row['mfu']:.1f}% | lr {row['lr']:.2e}")
+                    window = {"flops": 0.0, "tokens": 0, "time": time.time(), "skipped": 0}
+                    summary["loss"] = row["loss"]
+                if val_set and (step % tc.eval_every == 0 or step == tc.steps):
+                    losses = evaluate(state["params"], val_set, tc.eval_recurrence, cfg)
+                    log.record(step=step, eval=losses)
+                    log.line(step, "val " + "  ".join(f"r={r}: {v:.3f}" for r, v in losses.items()))
+                    summary["eval"] = losses
+                stop = (should_stop is not None and should_stop(step)) or bool(preempted)
+                if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
+                    checkpointer.save(step, state, train_iter, to_dict(config))
+                if stop:
+                    print(f"stopping at step {step} (preemption); checkpoint saved in {checkpointer.directory}", flush=True)
+                    break
     finally:
         checkpointer.wait()
         checkpointer.close()
@@ -258,7 +278,8 @@ def load_trained(run_dir: str | Path) -> tuple[Config, dict[str, Any], int]:
     optimizer = make_optimizer(config.optim, config.model, config.train.steps)
     template = jax.eval_shape(lambda: init_state(config, optimizer))
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_single_device()), template)
-    checkpointer = TrainCheckpointer(run_dir / "checkpoints", config.train.keep_checkpoints, async_save=False)
+    checkpointer = TrainCheckpointer(config.train.checkpoint_dir or run_dir / "checkpoints",
+                                     config.train.keep_checkpoints, async_save=False)
     restored = checkpointer.restore_latest(template)
     checkpointer.close()
     if restored is None:

@@ -3,6 +3,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# 8 virtual CPU devices for mesh tests, set before jax is imported; single-device code uses device 0.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 from pathlib import Path  # noqa: E402
 

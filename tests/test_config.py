@@ -96,7 +96,7 @@ def test_every_preset_loads_and_round_trips(preset, tmp_path):
 def test_cross_section_checks():
     with pytest.raises(ConfigError, match="train.seq_len=64 exceeds model.block_size=32"):
         load_config("tiny", ["train.seq_len=64"]).check_trainable()
-    with pytest.raises(ConfigError, match="train.batch_size=4 must be divisible by train.grad_accum=3"):
+    with pytest.raises(ConfigError, match="train.batch_size=8 must be divisible by train.grad_accum=3"):
         load_config("tiny", ["train.grad_accum=3"]).check_trainable()
     with pytest.raises(ConfigError, match="train.recurrence: 'random' is not one of"):
         load_config("tiny", ["train.recurrence=random"])

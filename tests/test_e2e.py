@@ -1,5 +1,6 @@
 """End-to-end runs of the scripts a user calls: the demo experiment and the benchmarks."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -67,3 +68,14 @@ def test_bench_train_memory_is_flat_in_mean_recurrence():
     small, large = [json.loads(line) for line in out.splitlines()]
     assert (small["n"], small["k"], large["n"], large["k"]) == (0, 4, 60, 4)
     assert abs(large["temp_bytes"] - small["temp_bytes"]) <= 0.1 * small["temp_bytes"]
+
+
+def test_bench_memory_on_virtual_mesh_and_skipped_topology():
+    out = run("tools/bench.py", "memory", "tiny", "--devices", "8", "--batch", "8", "--seq", "32", "mesh.fsdp=2",
+              "mesh.tensor=2")
+    (record,) = [json.loads(line) for line in out.splitlines()]
+    assert record["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2} and record["fits"]
+    assert record["state_bytes_per_device"] == 16 * record["params_per_device"] and record["temp_bytes"] > 0
+    if importlib.util.find_spec("libtpu") is None:
+        out = run("tools/bench.py", "memory", "tiny", "--topology", "v5e:2x4")
+        assert "libtpu is not installed" in json.loads(out.splitlines()[-1])["skipped"]

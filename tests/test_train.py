@@ -27,8 +27,8 @@ def assert_bitwise_equal(a, b):
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(train_overrides, tmp_path):
     full = train(config(train_overrides, "train.steps=8", f"train.out_dir={tmp_path / 'a'}",
-                        "train.grad_accum=2"))
-    cfg = config(train_overrides, "train.steps=8", f"train.out_dir={tmp_path / 'b'}", "train.grad_accum=2")
+                        "train.grad_accum=2", "train.batch_size=16"))
+    cfg = config(train_overrides, "train.steps=8", f"train.out_dir={tmp_path / 'b'}", "train.grad_accum=2", "train.batch_size=16")
     first = train(cfg, should_stop=lambda step: step == 3)
     assert first["step"] == 3
     second = train(cfg)

@@ -9,6 +9,12 @@
         temp bytes from memory_analysis(), tokens/s and MFU (model FLOPs: no-grad steps x1, grad
         steps x3) for each model.mean_recurrence in --steps, with n = mean_recurrence - k and
         k = model.mean_backprop_depth; with --official-*, the official forward+backward tokens/s.
+    python tools/bench.py memory CONFIG [key=value ...] --devices 8 [--batch 8 --seq 4096 --specs FILE]
+    python tools/bench.py memory CONFIG [key=value ...] --topology v5e:2x4 [--batch 8 --seq 4096]
+        memory per device of a training step: the analytic parameter + optimizer bytes from the
+        sharding specs, and the compiled step's memory_analysis() (arguments, outputs, temporaries),
+        compiled for --devices virtual CPU devices, or ahead of time for a TPU topology when libtpu is
+        installed (reported as skipped otherwise); --specs writes every parameter's spec.
     python tools/bench.py convert CONFIG [key=value ...] [--dtype bfloat16 --shards 4]
         builds a synthetic checkpoint of CONFIG's shapes with the official names (random values,
         several shards), converts it with `python -m rdlm.convert` in a child process and reports
@@ -21,6 +27,7 @@ The official script (kept outside this repo) is called as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -34,6 +41,9 @@ from safetensors.numpy import save_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+if "--devices" in sys.argv:  # virtual CPU devices for `memory`: must be set before jax is imported
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                               + sys.argv[sys.argv.index("--devices") + 1])
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -90,8 +100,6 @@ def bench_forward(args, cfg, base) -> None:
 
 
 def bench_train(args, cfg, base) -> None:
-    import dataclasses
-
     from rdlm.config import Config, OptimConfig, TrainConfig
     from rdlm.flops import train_flops_per_token
     from rdlm.train import init_state, make_train_step
@@ -132,6 +140,65 @@ def bench_train(args, cfg, base) -> None:
                                                  ["--train", "--grad-steps", str(k)])
                 record |= dict(official_tokens_per_s=official, official_ratio=record["tokens_per_s"] / official)
             emit(record)
+
+
+def topology_devices(name: str) -> list:
+    """The devices of a TPU topology (e.g. v5e:2x4), for ahead-of-time compilation without the chips."""
+    import importlib.util
+
+    from jax.experimental import topologies
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError("libtpu is not installed (pip install 'jax[tpu]' where PyPI has it)")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM metadata server here
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+
+
+def bench_memory(args, cfg, base, config) -> None:
+    from rdlm.sharding import activate, batch_sharding, describe, make_mesh, state_shardings
+    from rdlm.train import init_state, make_train_step
+
+    if args.topology:
+        try:
+            devices = topology_devices(args.topology)
+        except Exception as e:  # noqa: BLE001 (any failure to get a TPU topology means: skip)
+            emit(base | dict(topology=args.topology, skipped=f"{type(e).__name__}: {str(e)[:300]}"))
+            return
+    else:
+        devices = jax.devices()
+    report = describe(cfg, config.mesh, len(devices))
+    if args.specs:
+        Path(args.specs).write_text(json.dumps(report, indent=1) + "\n")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=args.batch,
+                                                                     seq_len=args.seq))
+    mesh = make_mesh(config.mesh, devices)
+    optimizer = make_optimizer(config.optim, cfg, 1000)
+    abstract = jax.eval_shape(lambda: init_state(config, optimizer))
+    state_sh = state_shardings(abstract, optimizer, cfg, config.mesh.rules, mesh)
+    batch_sh = batch_sharding(config.mesh.rules, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
+    row = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32, sharding=batch_sh)
+    batch = {k: row for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids")}
+    start = time.perf_counter()
+    record = base | dict(devices=len(devices), device_kind=devices[0].device_kind, topology=args.topology,
+                         mesh=report["mesh"], batch=args.batch, seq=args.seq,
+                         params_per_device=report["params_per_device"],
+                         # parameters, Adam's two moments and the gradients, all in the master dtype
+                         state_bytes_per_device=4 * jnp.dtype(config.train.param_dtype).itemsize
+                         * report["params_per_device"])
+    try:
+        with activate(mesh, config.mesh.rules):
+            compiled = make_train_step(config, optimizer, (state_sh, batch_sh)).lower(
+                state, batch, jnp.int32(0), jnp.int32(0)).compile()
+    except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: the step does not fit the chip
+        emit(record | dict(fits=False, error=str(e)[:400]))
+        return
+    mem = compiled.memory_analysis()
+    emit(record | dict(fits=True, compile_s=time.perf_counter() - start,
+                     argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+                     temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
+                     peak_bytes_per_device=mem.argument_size_in_bytes + mem.output_size_in_bytes
+                     - mem.alias_size_in_bytes + mem.temp_size_in_bytes))
 
 
 def write_synthetic_hf(cfg, dst: Path, dtype: str, shards: int) -> int:
@@ -190,7 +257,7 @@ def bench_convert(args, cfg, base) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["forward", "train", "convert"])
+    parser.add_argument("bench", choices=["forward", "train", "memory", "convert"])
     parser.add_argument("config", help="preset name or YAML path")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     parser.add_argument("--batch", type=int, default=8)
@@ -202,12 +269,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--workdir", default=None, help="where the synthetic checkpoint is written (default: tmp)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--devices", type=int, default=None, help="memory: virtual CPU devices (read before jax starts)")
+    parser.add_argument("--specs", default=None, help="memory: write every parameter's sharding spec (JSON) here")
+    parser.add_argument("--topology", default=None,
+                        help="memory: compile ahead of time for this TPU topology (e.g. v5e:2x4; needs libtpu)")
+    args = parser.parse_intermixed_args(argv)
     if bool(args.official_python) != bool(args.official_script):
         parser.error("--official-python and --official-script go together")
-    cfg = load_config(args.config, args.overrides).model
+    config = load_config(args.config, args.overrides)
+    cfg = config.model
     base = dict(bench=args.bench, config=args.config, overrides=args.overrides, backend=jax.default_backend())
-    {"forward": bench_forward, "train": bench_train, "convert": bench_convert}[args.bench](args, cfg, base)
+    if args.bench == "memory":
+        bench_memory(args, cfg, base, config)
+    else:
+        {"forward": bench_forward, "train": bench_train, "convert": bench_convert}[args.bench](args, cfg, base)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import grain
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocp_v1
 from etils import epath
@@ -103,18 +104,24 @@ class TrainCheckpointer:
         items = {"state": ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, template))}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # a damaged step directory: set it aside (kept for inspection), use the one before
                 aside = self.directory / f"{step}.unreadable"
-                (self.directory / str(step)).rename(aside)
+                if jax.process_index() == 0:
+                    (self.directory / str(step)).rename(aside)
+                multihost_utils.sync_global_devices(f"rdlm-set-aside-{step}")
                 print(f"warning: checkpoint {self.directory / str(step)} failed to restore "
                       f"({type(e).__name__}: {str(e)[:300]}); moved to {aside.name}, trying the previous one",
                       flush=True)
                 continue
             self.manager.reload()
             return step, restored.state
+        if steps:
+            raise CheckpointError(f"no checkpoint in {self.directory} restores (tried steps {steps}, now set aside "
+                                  "as STEP.unreadable); refusing to start over silently")
         return None
 
     def wait(self) -> None:

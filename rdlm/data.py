@@ -157,12 +157,20 @@ def make_dataset(docs: list[str], tokenizer: Tokenizer, cfg: DataConfig, *, seq_
     return it
 
 
-def eval_batches(dataset: grain.IterDataset, limit: int) -> Iterator[Batch]:
-    """At most `limit` batches, from the start of a (finite) dataset."""
-    for n, batch in enumerate(dataset):
+def eval_batches(dataset: grain.IterDataset, limit: int, rows: int | None = None,
+                 seq_len: int | None = None) -> Iterator[Batch]:
+    """The first `limit` batches of a (finite) dataset; with `rows` and `seq_len`, exactly `limit`,
+    padded with empty batches (loss_mask 0), so that every host evaluates the same number."""
+    n = 0
+    for n, batch in enumerate(dataset, 1):
+        yield batch
         if n == limit:
             return
-        yield batch
+    if rows is not None:
+        empty = {k: np.zeros((rows, seq_len), np.int32) for k in ("inputs", "targets", "segment_ids", "positions",
+                                                                  "loss_mask")}
+        for _ in range(limit - n):
+            yield empty
 
 
 def train_tokenizer(docs: list[str], model_prefix: str | Path, vocab_size: int) -> Path:

@@ -55,9 +55,10 @@ def measured_matmul_flops(n: int = 2048, iters: int = 5) -> float:
 
 
 def peak_flops() -> tuple[float, str]:
-    """(FLOP/s of all local devices, how it was found): vendor peak for known TPUs/GPUs, else measured."""
+    """(FLOP/s of all devices of the run, how it was found): vendor peak for known TPUs/GPUs, else measured
+    (one CPU host)."""
     kind = jax.devices()[0].device_kind
     for prefix, per_chip in _PEAK_FLOPS.items():
         if kind.startswith(prefix):
-            return per_chip * jax.local_device_count(), f"{kind} bf16 peak"
+            return per_chip * jax.device_count(), f"{kind} bf16 peak"
     return measured_matmul_flops(), f"measured fp32 matmul on {kind}"

@@ -56,6 +56,11 @@ def _axes_of(rules: RulesConfig, logical: str | None) -> tuple[str, ...]:
     return value if isinstance(value, tuple) else () if value is None else (value,)
 
 
+def shards(rules: RulesConfig, mesh: Mesh, logical: str) -> int:
+    """Number of pieces a dimension with this logical axis is split into."""
+    return math.prod(mesh.shape[a] for a in _axes_of(rules, logical))
+
+
 def logical_spec(name: str, shape: tuple[int, ...], logical: tuple[str | None, ...], rules: RulesConfig,
                  mesh: Mesh) -> PartitionSpec:
     """PartitionSpec of one array; checks divisibility and that no mesh axis is used twice."""

@@ -18,17 +18,19 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from rdlm import model
-from rdlm.checkpoint import TrainCheckpointer
+from rdlm.checkpoint import CheckpointError, TrainCheckpointer
 from rdlm.config import Config, ConfigError, ModelConfig, dump_config, load_config, to_dict
 from rdlm.data import Batch, Tokenizer, eval_batches, load_documents, make_dataset, split_documents
 from rdlm.flops import peak_flops, train_flops_per_token
 from rdlm.optim import lr_schedule, make_optimizer
 from rdlm.params import init_params
 from rdlm.sharding import (activate, batch_sharding, constrain_params, global_batch, initialize_distributed,
-                           make_mesh, state_shardings)
+                           make_mesh, shards, state_shardings)
 
 State = dict[str, Any]
 
@@ -55,7 +57,8 @@ def _loss(params, batch: Batch, n, k, rng, cfg: ModelConfig):
 
 def init_state(config: Config, optimizer) -> State:
     params = init_params(config.model, jax.random.key(config.train.seed), jnp.dtype(config.train.param_dtype))
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
+    moments_like = jax.tree.map(lambda p: p.astype(jnp.float32), params)  # Adam moments in fp32 always
+    return {"params": params, "opt_state": optimizer.init(moments_like), "step": jnp.int32(0),
             "rng": jax.random.key_data(jax.random.key(config.train.seed))}
 
 
@@ -94,7 +97,8 @@ def make_train_step(config: Config, optimizer, shardings: tuple[Any, Any] | None
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = {"params": keep(params, state["params"]), "opt_state": keep(opt_state, state["opt_state"]),
                      "step": state["step"] + 1, "rng": state["rng"]}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": tokens,
+        applied = state["opt_state"][-1].count  # the schedule's own step counter (skipped steps excluded)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(applied), "tokens": tokens,
                    "finite": finite}
         return new_state, metrics
 
@@ -157,6 +161,25 @@ class _Log:
             self.file.close()
 
 
+def _any_process(flag: bool) -> bool:
+    """True on every process if it is true on any (preemption may reach only some hosts)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+
+
+def _check_batch(config: Config, mesh) -> None:
+    """Batch sizes the mesh and the hosts can split evenly; errors name the keys."""
+    tc = config.train
+    ways = shards(config.mesh.rules, mesh, "batch")
+    micro = tc.batch_size // tc.grad_accum
+    if tc.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size={tc.batch_size} must be divisible by the {jax.process_count()} processes")
+    if micro % ways:
+        raise ConfigError(f"train.batch_size / train.grad_accum = {micro} rows per micro-batch must be divisible by "
+                          f"the {ways} devices mesh.rules.batch spreads them over")
+
+
 def _check_resume(config: Config, saved: Path) -> None:
     """A resumed run must keep the model, data and optimizer of the run it continues."""
     before = load_config(saved)
@@ -183,6 +206,7 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
         dump_config(config, out / "config.yml")
 
     mesh = make_mesh(config.mesh)
+    _check_batch(config, mesh)
     optimizer = make_optimizer(config.optim, cfg, tc.steps)
     new_state = lambda: init_state(config, optimizer)  # noqa: E731
     state_sh = state_shardings(jax.eval_shape(new_state), optimizer, cfg, rules, mesh)
@@ -197,7 +221,8 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
                   process_count=jax.process_count())
     train_iter = iter(make_dataset(train_docs, per_host_batch=host_batch, train=True, **common))
     val_set = [global_batch(b, batch_sh) for b in eval_batches(
-        make_dataset(val_docs, per_host_batch=host_batch, train=False, **common), tc.eval_batches)] if val_docs else []
+        make_dataset(val_docs, per_host_batch=host_batch, train=False, **common), tc.eval_batches,
+        rows=host_batch, seq_len=tc.seq_len)] if val_docs else []
 
     checkpointer = TrainCheckpointer(tc.checkpoint_dir or out / "checkpoints", tc.keep_checkpoints,
                                      tc.async_checkpoint)
@@ -224,10 +249,11 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
                 if step == summary["start_step"] + 1:  # the first step compiles: keep it out of throughput
                     jax.block_until_ready(state)
                     log.record(event="compiled", step=step, compile_s=time.time() - window["time"])
-                    window["time"], window["flops"], window["tokens"] = time.time(), 0.0, 0
-                row_tokens = tc.batch_size * tc.seq_len
-                window["flops"] += train_flops_per_token(cfg, n, k, tc.seq_len) * row_tokens
-                window["tokens"] += row_tokens
+                    window["time"] = time.time()
+                else:
+                    row_tokens = tc.batch_size * tc.seq_len
+                    window["flops"] += train_flops_per_token(cfg, n, k, tc.seq_len) * row_tokens
+                    window["tokens"] += row_tokens
                 if not bool(metrics["finite"]):
                     if tc.nonfinite == "stop":
                         checkpointer.wait()
@@ -252,7 +278,7 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
                     log.record(step=step, eval=losses)
                     log.line(step, "val " + "  ".join(f"r={r}: {v:.3f}" for r, v in losses.items()))
                     summary["eval"] = losses
-                stop = (should_stop is not None and should_stop(step)) or bool(preempted)
+                stop = _any_process((should_stop is not None and should_stop(step)) or bool(preempted))
                 if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
                     checkpointer.save(step, state, train_iter, to_dict(config))
                 if stop:
@@ -299,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         train(load_config(argv[0], argv[1:]))
-    except (ConfigError, TrainingError) as e:
+    except (ConfigError, TrainingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

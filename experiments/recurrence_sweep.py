@@ -23,13 +23,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from rdlm import model  # noqa: E402
-from rdlm.data import Tokenizer, eval_batches, load_documents, make_dataset, split_documents  # noqa: E402
+from rdlm.data import eval_batches, load_documents, make_dataset, split_documents  # noqa: E402
+from rdlm.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from rdlm.train import evaluate, load_trained  # noqa: E402
 
 
 def sample(params, tokenizer: Tokenizer, prompt: str, cfg, num_steps: int, length: int, seed: int = 0) -> str:
     """Temperature-0.8, top-40 sampling in a fixed-size window (one compile; no KV cache)."""
-    ids = list(tokenizer.encode(prompt)[:-1])  # without eos
+    ids = list(tokenizer.encode(prompt))
     window = cfg.block_size
     key = jax.random.key(seed)
     for _ in range(length):
@@ -42,7 +43,7 @@ def sample(params, tokenizer: Tokenizer, prompt: str, cfg, num_steps: int, lengt
         top, idx = jax.lax.top_k(logits[0, len(context) - 1] / 0.8, 40)
         key, sub = jax.random.split(key)
         nxt = int(idx[jax.random.categorical(sub, top)])
-        if nxt == tokenizer.eos:
+        if nxt in tokenizer.stop_ids:
             break
         ids.append(nxt)
     return tokenizer.decode(ids[1:])  # without bos
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     run = Path(args.run_dir)
     config, params, step = load_trained(run)
     cfg, tc = config.model, config.train
-    tokenizer = Tokenizer(config.data.tokenizer, vocab_limit=cfg.vocab_size)
+    tokenizer = load_tokenizer(None, fallback=config.data.tokenizer, model_vocab_size=cfg.vocab_size)
     _, val_docs = split_documents(load_documents(config.data), config.data.val_fraction)
     batches = [jax.tree.map(jnp.asarray, b) for b in eval_batches(
         make_dataset(val_docs, tokenizer, config.data, seq_len=tc.seq_len, per_host_batch=tc.batch_size, train=False),

@@ -2,9 +2,10 @@
 
 from rdlm.checkpoint import CheckpointError, load_model
 from rdlm.config import Config, ConfigError, ModelConfig, load_config
+from rdlm.generate import Generation, GenerateError, generate
 from rdlm.hf import load_hf_checkpoint
 from rdlm.model import forward
 from rdlm.params import init_params, logical_axes, param_specs
 
-__all__ = ["CheckpointError", "Config", "ConfigError", "ModelConfig", "forward", "init_params",
+__all__ = ["CheckpointError", "Config", "ConfigError", "GenerateError", "Generation", "ModelConfig", "forward", "generate", "init_params",
            "load_config", "load_hf_checkpoint", "load_model", "logical_axes", "param_specs"]

@@ -154,7 +154,7 @@ class DataConfig:
     source: str = field(default="shakespeare", metadata=_check(choices=("shakespeare", "text", "jsonl", "array_record")))
     paths: tuple = ()  # glob patterns for text / jsonl / array_record
     jsonl_key: str = "text"
-    tokenizer: str = ""  # sentencepiece model file (tools/train_tokenizer.py makes one)
+    tokenizer: str = ""  # sentencepiece .model (tools/train_tokenizer.py makes one) or HF tokenizer.json
     packing: str = field(default="concat", metadata=_check(choices=("concat", "first_fit")))
     packing_bins: int = field(default=16, metadata=_check(ge=1))  # first_fit only
     val_fraction: float = field(default=0.05, metadata=_check(ge=0, le=0.5))  # documents held out
@@ -403,6 +403,15 @@ def load_config(name: str | os.PathLike | None = None, overrides: list[str] = ()
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    return _with(data, overrides, source)
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """`cfg` with dotted overrides applied, validated again."""
+    return _with(to_dict(cfg), overrides, "loaded config")
+
+
+def _with(data: dict[str, Any], overrides: list[str], source: str) -> Config:
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(data, key, value, source="override")
     if overrides:

@@ -6,13 +6,17 @@
 Import streams tensor by tensor into Orbax partial saves: peak memory is about twice the largest
 tensor (the embedding), not the model. Every problem with the source (missing, unexpected or mis-shaped tensors, truncated or
 corrupt files) is reported before anything is written, and the destination appears only when the
-conversion has succeeded (it is built in a temporary sibling directory, then renamed).
+conversion has succeeded (it is built in a temporary sibling directory, then renamed). The tokenizer
+files of the source (tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja,
+tokenizer.model: those present) are checked against the model's vocab_size and copied along, so that
+the checkpoint carries its tokenizer.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from rdlm.checkpoint import CONFIG_FILE, PARAMS_DIR, CheckpointError, load_model
 from rdlm.config import Config, ConfigError, ModelConfig, dump_config
 from rdlm.hf import iter_hf_params, read_hf, write_hf
 from rdlm.params import count_params, unflatten
+from rdlm.tokenizer import HF_FILE, SP_FILE, TOKENIZER_FILES, load_tokenizer
 
 SAVE_BATCH_BYTES = 256 * 2**20  # small tensors are gathered up to this size per Orbax partial save
 # Uncompressed: zstd would keep a second encoded copy of each tensor in memory (and gains little on weights).
@@ -32,8 +37,10 @@ _SAVE_OPTIONS = ocp.Context(array_options=ocp.options.ArrayOptions(
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, overwrite: bool = False) -> ModelConfig:
-    """HF directory -> rdlm model checkpoint, tensor by tensor."""
+    """HF directory -> rdlm model checkpoint, tensor by tensor, with the tokenizer files it holds."""
     cfg, pairs = read_hf(src)
+    if any((Path(src) / f).is_file() for f in (HF_FILE, SP_FILE)):
+        load_tokenizer(src, model_vocab_size=cfg.vocab_size)  # a tokenizer that does not load or fit fails here
     with staging_dir(Path(dst), overwrite) as tmp, _SAVE_OPTIONS:
         batch: dict[tuple, np.ndarray] = {}
         for spec, x in iter_hf_params(pairs, dtype):
@@ -44,6 +51,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, o
         ocp.partial.save(tmp / PARAMS_DIR, unflatten(batch))
         ocp.partial.finalize(tmp / PARAMS_DIR)
         dump_config(Config(model=cfg), tmp / CONFIG_FILE)
+        for name in TOKENIZER_FILES:
+            if (Path(src) / name).is_file():
+                shutil.copyfile(Path(src) / name, tmp / name)
     return cfg
 
 
@@ -69,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             export(args.src, args.dst, args.dtype, args.overwrite)
         else:
             cfg = convert(args.src, args.dst, args.dtype, args.overwrite)
-            print(f"converted {args.src} -> {args.dst}: {count_params(cfg):,} parameters")
+            tokenizer = [f for f in TOKENIZER_FILES if (Path(args.dst) / f).is_file()]
+            print(f"converted {args.src} -> {args.dst}: {count_params(cfg):,} parameters; tokenizer files: "
+                  f"{', '.join(tokenizer) or 'none in the source (pass a tokenizer path when generating)'}")
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Input pipeline on Grain: documents -> sentencepiece tokens -> packed rows -> batches.
+"""Input pipeline on Grain: documents -> tokens -> packed rows -> batches.
 
     documents (shakespeare | text | jsonl | array_record)
       -> held-out split by document -> shuffle (seeded, reshuffled every epoch) -> this host's shard
@@ -16,13 +16,13 @@ import glob
 import json
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import grain
 import numpy as np
-import sentencepiece as spm
 
 from rdlm.config import ConfigError, DataConfig
+from rdlm.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
 
@@ -80,30 +80,6 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
     return [d for i, d in enumerate(docs) if i % every], [d for i, d in enumerate(docs) if not i % every]
 
 
-# ---- tokenizer ------------------------------------------------------------------------------------
-
-
-class Tokenizer:
-    """A sentencepiece model with the ids the pipeline needs (pad, bos, eos)."""
-
-    def __init__(self, path: str | Path, vocab_limit: int | None = None):
-        if not Path(path).is_file():
-            raise ConfigError(f"data.tokenizer={str(path)!r} is not a file; train one with tools/train_tokenizer.py")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        self.vocab_size = self.sp.get_piece_size()
-        if vocab_limit is not None and self.vocab_size > vocab_limit:
-            raise ConfigError(f"tokenizer {path} has {self.vocab_size} pieces but model.vocab_size={vocab_limit}")
-        self.bos, self.eos, self.pad = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
-        if min(self.bos, self.eos) < 0:
-            raise ConfigError(f"tokenizer {path} has no bos/eos pieces; train it with tools/train_tokenizer.py")
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray([self.bos, *self.sp.encode(text), self.eos], np.int32)
-
-    def decode(self, ids: Any) -> str:
-        return self.sp.decode([int(i) for i in ids])
-
-
 # ---- grain pipeline -------------------------------------------------------------------------------
 
 
@@ -139,7 +115,7 @@ def make_dataset(docs: list[str], tokenizer: Tokenizer, cfg: DataConfig, *, seq_
     ds = grain.MapDataset.source(docs)
     if train:
         ds = ds.shuffle(seed=cfg.seed).repeat(None)
-    ds = ds[process_index::process_count].map(tokenizer.encode).map(_shift)
+    ds = ds[process_index::process_count].map(partial(tokenizer.encode, eos=True)).map(_shift)
     it = ds.to_iter_dataset()
     length = {"inputs": seq_len, "targets": seq_len}
     if cfg.packing == "concat":
@@ -171,18 +147,3 @@ def eval_batches(dataset: grain.IterDataset, limit: int, rows: int | None = None
                                                                   "loss_mask")}
         for _ in range(limit - n):
             yield empty
-
-
-def train_tokenizer(docs: list[str], model_prefix: str | Path, vocab_size: int) -> Path:
-    """A sentencepiece BPE model with byte fallback; ids: pad 0, unk 1, bos 2, eos 3.
-
-    Text is kept as is (identity normalisation, whitespace preserved); newlines, never inside a
-    training line, are encoded by byte fallback."""
-    Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(line for d in docs for line in d.splitlines() if line.strip()),
-        model_prefix=str(model_prefix), vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, num_threads=2,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
-    return Path(f"{model_prefix}.model")
-

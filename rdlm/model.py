@@ -13,7 +13,7 @@ layout and official names are in `rdlm.params`; numerics follow the official
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,20 +50,33 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+def project_qkv(p: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array],
+                cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries, keys, values `[batch, seq, heads, head_dim]`: fused projection, qk bias, then RoPE."""
+    qkv = jnp.einsum("bse,ecnd->bscnd", x, p["wqkv"].astype(x.dtype))
+    if cfg.qk_bias:
+        qkv = qkv.at[:, :, :2].add(p["qk_bias"].astype(x.dtype))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of `q [b,q,n,d]` over `k, v [b,k,n,d]` where `mask [b,1,q,k]`; scores in fp32."""
+    scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnqk,bknd->bqnd", probs, v)
+
+
+def attention_out(p: Params, y: jax.Array) -> jax.Array:
+    """Heads `[b,s,n,d]` back to the residual stream."""
+    return jnp.einsum("bqnd,nde->bqe", y, p["proj"].astype(y.dtype))
+
+
 def attention(p: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
               cfg: ModelConfig) -> jax.Array:
-    """Causal multi-head self-attention; scores and softmax in fp32."""
-    dt = x.dtype
-    qkv = jnp.einsum("bse,ecnd->bscnd", x, p["wqkv"].astype(dt))
-    if cfg.qk_bias:
-        qkv = qkv.at[:, :, :2].add(p["qk_bias"].astype(dt))
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(cfg.head_dim)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    y = jnp.einsum("bnqk,bknd->bqnd", probs, v)
-    return jnp.einsum("bqnd,nde->bqe", y, p["proj"].astype(dt))
+    """Causal multi-head self-attention."""
+    return attention_out(p, attend(*project_qkv(p, x, rope, cfg), mask))
 
 
 def gated_mlp(p: Params, x: jax.Array) -> jax.Array:
@@ -72,12 +85,21 @@ def gated_mlp(p: Params, x: jax.Array) -> jax.Array:
     return jnp.einsum("bsi,ie->bse", jax.nn.silu(h[:, :, 0]) * h[:, :, 1], p["proj"].astype(x.dtype))
 
 
+def sandwich(p: Params, x: jax.Array, mix: Callable[[Params, jax.Array], tuple[jax.Array, Any]],
+             cfg: ModelConfig) -> tuple[jax.Array, Any]:
+    """The SandwichBlock around a token mixer: `mix(attn params, normed x) -> (output, aux)`; returns (x, aux).
+
+    The mixer is plain attention in training and cached attention in generation (`rdlm.generate`).
+    """
+    eps = cfg.norm_eps
+    y, aux = mix(p["attn"], rms_norm(x, p["norm_1"]["scale"], eps))
+    x = rms_norm(y + x, p["norm_2"]["scale"], eps)
+    return rms_norm(gated_mlp(p["mlp"], rms_norm(x, p["norm_3"]["scale"], eps)) + x, p["norm_4"]["scale"], eps), aux
+
+
 def sandwich_block(p: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
                    cfg: ModelConfig) -> jax.Array:
-    eps = cfg.norm_eps
-    x = rms_norm(attention(p["attn"], rms_norm(x, p["norm_1"]["scale"], eps), rope, mask, cfg) + x,
-                 p["norm_2"]["scale"], eps)
-    return rms_norm(gated_mlp(p["mlp"], rms_norm(x, p["norm_3"]["scale"], eps)) + x, p["norm_4"]["scale"], eps)
+    return sandwich(p, x, lambda pa, h: (attention(pa, h, rope, mask, cfg), None), cfg)[0]
 
 
 HIDDEN = ("batch", "length", "activation_embed")  # logical axes of the residual stream
@@ -114,27 +136,31 @@ def initial_state(rng: jax.Array, shape: tuple[int, ...], cfg: ModelConfig, init
     return (noise * std * cfg.embed_scale).astype(cfg.dtype)
 
 
-def core_step(params: Params, state: jax.Array, embedded: jax.Array, rope, mask, cfg: ModelConfig) -> jax.Array:
-    """One recurrence: adapter on concat([state, embedded input]), then the core block's layers."""
+def adapter(params: Params, state: jax.Array, embedded: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The input injection: a linear map of concat([state, embedded input])."""
     x = jnp.concatenate([state, embedded], axis=-1)
     x = x @ params["adapter"]["kernel"].astype(x.dtype)
-    if cfg.bias:
-        x = x + params["adapter"]["bias"].astype(x.dtype)
-    return run_blocks(params["core"], x, rope, mask, cfg)
+    return x + params["adapter"]["bias"].astype(x.dtype) if cfg.bias else x
+
+
+def core_step(params: Params, state: jax.Array, embedded: jax.Array, rope, mask, cfg: ModelConfig) -> jax.Array:
+    """One recurrence: the adapter, then the core block's layers."""
+    return run_blocks(params["core"], adapter(params, state, embedded, cfg), rope, mask, cfg)
+
+
+def lm_head(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Coda output -> fp32 logits: ln_f, then the tied embedding (or an own head)."""
+    x = rms_norm(x, params["ln_f"]["scale"], cfg.norm_eps)
+    if cfg.tie_embeddings:
+        return jnp.einsum("bse,ve->bsv", x, params["wte"]["embedding"].astype(x.dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("bse,ev->bsv", x, params["lm_head"]["kernel"].astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def decode(params: Params, state: jax.Array, rope, mask, cfg: ModelConfig,
            remat: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Final latent -> (fp32 logits, normed latent): ln_f, coda, ln_f again, tied (or own) lm head."""
+    """Final latent -> (fp32 logits, normed latent): ln_f, coda, then the head."""
     latent = rms_norm(state, params["ln_f"]["scale"], cfg.norm_eps)
-    x = rms_norm(run_blocks(params["coda"], latent, rope, mask, cfg, remat), params["ln_f"]["scale"], cfg.norm_eps)
-    if cfg.tie_embeddings:
-        logits = jnp.einsum("bse,ve->bsv", x, params["wte"]["embedding"].astype(x.dtype),
-                            preferred_element_type=jnp.float32)
-    else:
-        logits = jnp.einsum("bse,ev->bsv", x, params["lm_head"]["kernel"].astype(x.dtype),
-                            preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32), latent
+    return lm_head(params, run_blocks(params["coda"], latent, rope, mask, cfg, remat), cfg), latent
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -25,12 +25,13 @@ from jax.experimental import multihost_utils
 from rdlm import model
 from rdlm.checkpoint import CheckpointError, TrainCheckpointer
 from rdlm.config import Config, ConfigError, ModelConfig, dump_config, load_config, to_dict
-from rdlm.data import Batch, Tokenizer, eval_batches, load_documents, make_dataset, split_documents
+from rdlm.data import Batch, eval_batches, load_documents, make_dataset, split_documents
 from rdlm.flops import peak_flops, train_flops_per_token
 from rdlm.optim import lr_schedule, make_optimizer
 from rdlm.params import init_params
 from rdlm.sharding import (activate, batch_sharding, constrain_params, global_batch, initialize_distributed,
                            make_mesh, shards, state_shardings)
+from rdlm.tokenizer import load_tokenizer
 
 State = dict[str, Any]
 
@@ -214,7 +215,7 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
     step_fn = make_train_step(config, optimizer, (state_sh, batch_sh))
     state = jax.jit(new_state, out_shardings=state_sh)()  # created sharded: never whole on one device
 
-    tokenizer = Tokenizer(config.data.tokenizer, vocab_limit=cfg.vocab_size)
+    tokenizer = load_tokenizer(None, fallback=config.data.tokenizer, model_vocab_size=cfg.vocab_size)
     train_docs, val_docs = split_documents(load_documents(config.data), config.data.val_fraction)
     host_batch = tc.batch_size // jax.process_count()
     common = dict(tokenizer=tokenizer, cfg=config.data, seq_len=tc.seq_len, process_index=jax.process_index(),

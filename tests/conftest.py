@@ -32,7 +32,8 @@ def rel_l2(ours, theirs) -> float:
 def tokenizer_path(tmp_path_factory):
     """A 512-piece sentencepiece model trained on the bundled Shakespeare training documents."""
     from rdlm.config import DataConfig
-    from rdlm.data import load_documents, split_documents, train_tokenizer
+    from rdlm.data import load_documents, split_documents
+    from rdlm.tokenizer import train_tokenizer
 
     docs, _ = split_documents(load_documents(DataConfig()), DataConfig().val_fraction)
     return str(train_tokenizer(docs, tmp_path_factory.mktemp("tok") / "sp", 512))

@@ -13,6 +13,8 @@ import rdlm
 from rdlm import convert as conv
 from rdlm import hf
 from rdlm.checkpoint import CheckpointError
+from rdlm.config import ConfigError
+from rdlm.tokenizer import load_tokenizer
 from conftest import FIXTURES, REPO
 
 
@@ -218,3 +220,38 @@ def test_load_model_rejects_params_that_do_not_fit_config(tmp_path):
     config_file.write_text("model:\n  n_embdd: 3\n")
     with pytest.raises(CheckpointError, match="did you mean model.n_embd"):
         rdlm.load_model(tmp_path / "ckpt")
+
+
+def test_tokenizer_files_are_copied_and_checked(tmp_path, tokenizer_path):
+    src = _copy_sharded(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURES / "hf_tokenizer" / name, src)
+    (src / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "<|end_turn|>"}}))
+    conv.convert(src, tmp_path / "ckpt")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "ckpt" / name).read_bytes() == (src / name).read_bytes()
+    assert not (tmp_path / "ckpt" / "tokenizer.model").exists()
+    tok = load_tokenizer(tmp_path / "ckpt", model_vocab_size=256)
+    assert tok.pad == tok.token_id("<|end_turn|>") and tok.chat_template
+
+    shutil.copy(tokenizer_path, src / "tokenizer.model")  # 512 pieces: more than the model's 256 rows
+    (src / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match=r"tokenizer.model has 512 token ids but the model has model.vocab_size=256"):
+        conv.convert(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_failed_tokenizer_copy_leaves_no_destination(tmp_path, monkeypatch):
+    src = _copy_sharded(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURES / "hf_tokenizer" / name, src)
+    copied, real = [], shutil.copyfile
+
+    def flaky(a, b):
+        if copied:
+            raise OSError(f"{a}: simulated copy failure")
+        copied.append(real(a, b))
+    monkeypatch.setattr(conv.shutil, "copyfile", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        conv.convert(src, tmp_path / "dst")
+    assert copied and sorted(os.listdir(tmp_path)) == ["src"]

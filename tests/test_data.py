@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from rdlm.config import ConfigError, DataConfig
-from rdlm.data import Tokenizer, eval_batches, load_documents, make_dataset, split_documents
+from rdlm.data import eval_batches, load_documents, make_dataset, split_documents
+from rdlm.tokenizer import SentencePieceTokenizer
 
 DOCS = [f"document {i}: " + " ".join(f"w{i}x{j}" for j in range(5 + 3 * i)) for i in range(12)]
 
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
-    return Tokenizer(tokenizer_path)
+    return SentencePieceTokenizer(tokenizer_path)
 
 
 def test_sources_read_the_same_documents(tmp_path):
@@ -48,21 +49,11 @@ def test_split_is_deterministic_and_disjoint():
     assert split_documents(DOCS, 0.0) == (DOCS, [])
 
 
-def test_tokenizer_checks(tok, tokenizer_path, tmp_path):
-    ids = tok.encode("To be, or not to be:\nthat is the question.")
-    assert ids[0] == tok.bos and ids[-1] == tok.eos
-    assert tok.decode(ids[1:-1]) == "To be, or not to be:\nthat is the question."  # newline via byte fallback
-    with pytest.raises(ConfigError, match="has 512 pieces but model.vocab_size=256"):
-        Tokenizer(tokenizer_path, vocab_limit=256)
-    with pytest.raises(ConfigError, match="is not a file"):
-        Tokenizer(tmp_path / "missing.model")
-
-
 @pytest.mark.parametrize("packing", ["concat", "first_fit"])
 def test_packed_rows_are_consistent(tok, packing):
     cfg = DataConfig(packing=packing, prefetch=0)
     rows = list(eval_batches(make_dataset(DOCS, tok, cfg, seq_len=24, per_host_batch=2, train=False), 100))
-    encoded = [tok.encode(d) for d in DOCS]
+    encoded = [tok.encode(d, eos=True) for d in DOCS]
     targets_seen = 0
     for b in rows:
         assert b["inputs"].shape == b["targets"].shape == b["segment_ids"].shape == (2, 24) or b["inputs"].shape[0] < 2

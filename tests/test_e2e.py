@@ -3,12 +3,13 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import FIXTURES, REPO
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -55,6 +56,9 @@ def test_tokenizer_train_and_sweep_clis(tmp_path):
               "--sample-tokens", "5")
     assert "at step 4" in out and (tmp_path / "run" / "recurrence_sweep.png").stat().st_size > 1000
     assert json.loads((tmp_path / "run" / "recurrence_sweep.json").read_text())["step"] == 4
+    out = run("-m", "rdlm.generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "To be", "--num-steps", "2",
+              "--max-new-tokens", "3")  # a training run folder; its sentencepiece model comes from data.tokenizer
+    assert "--- prompt 0: 'To be'" in out and "2.00 recurrence steps per token" in out
 
 
 def test_train_cli_reports_bad_config():
@@ -79,3 +83,48 @@ def test_bench_memory_on_virtual_mesh_and_skipped_topology():
     if importlib.util.find_spec("libtpu") is None:
         out = run("tools/bench.py", "memory", "tiny", "--topology", "v5e:2x4")
         assert "libtpu is not installed" in json.loads(out.splitlines()[-1])["skipped"]
+
+
+def test_generate_cli_on_converted_and_hf_checkpoints(tmp_path):
+    """Convert the official tiny checkpoint (with HF tokenizer files), then generate from both directories."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for f in [FIXTURES / "tiny_fp32" / "config.json", FIXTURES / "tiny_fp32" / "model.safetensors",
+              *(FIXTURES / "hf_tokenizer").iterdir()]:
+        shutil.copy(f, hf / f.name)
+    run("-m", "rdlm.convert", str(hf), str(tmp_path / "ckpt"))
+    args = ["--prompt", "To be, or not", "--prompt", "Hi", "--num-steps", "4", "--max-new-tokens", "6", "--chat",
+            "--init-scale", "0", "--exit-criterion", "entropy-diff", "--exit-threshold", "0.01",
+            "--cache-strategy", "latest-m4"]
+    converted = run("-m", "rdlm.generate", "--checkpoint", str(tmp_path / "ckpt"), *args)
+    assert converted.count("--- prompt") == 2 and converted.count("recurrence steps per token") == 2
+    assert run("-m", "rdlm.generate", "--checkpoint", str(hf), *args) == converted
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--checkpoint", "missing_dir"], "checkpoint missing_dir does not exist"),
+    (["--checkpoint", "tests/fixtures/tiny_fp32", "--tokenizer", "tests/fixtures/hf_tokenizer", "--num-steps", "0"],
+     "num_steps=0 must be an integer >= 1"),
+    (["--checkpoint", "tests/fixtures/tiny_fp32", "--tokenizer", "tests/fixtures/hf_tokenizer",
+      "--cache-strategy", "newest"], "unknown cache_strategy='newest'"),
+])
+def test_generate_cli_reports_bad_input(args, message):
+    out = subprocess.run([sys.executable, "-m", "rdlm.generate", "--prompt", "x", *args], capture_output=True,
+                         text=True, env=ENV, cwd=REPO, timeout=600)
+    assert out.returncode == 1 and message in out.stderr
+
+
+def test_bench_decode_reports_each_batch_criterion_and_strategy():
+    out = run("tools/bench.py", "decode", "tiny", "--seq", "4", "--new", "4", "--steps", "2", "--batches", "1,2",
+              "--iters", "1")
+    records = [json.loads(line) for line in out.splitlines()]
+    kinds = {k: [r for r in records if r["kind"] == k] for k in ("cache", "generate", "exit")}
+    assert [r["batch"] for r in kinds["generate"]] == [1, 2]
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in kinds["generate"])
+    assert {r["criterion"] for r in kinds["exit"]} == {"entropy-diff", "latent-diff", "kl", "minp-kl",
+                                                        "argmax-stability", "cosine", "none"}
+    assert all(1 <= r["mean_steps_per_token"] <= 2 for r in kinds["exit"])
+    assert {r["strategy"] for r in kinds["cache"]} >= {"full", "compress-s4", "compress-anchor"}
+    huge = run("tools/bench.py", "decode", "huginn_0125", "--cache-only", "--seq", "4000", "--new", "96", "--steps", "32")
+    full = [json.loads(line) for line in huge.splitlines() if '"full"' in line][0]
+    assert full["cache_bytes"] > 10 * 2**30  # bf16: 4096 positions x (2 + 32 x 4 + 2) layers x (k, v) x 5280

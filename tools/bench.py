@@ -9,6 +9,14 @@
         temp bytes from memory_analysis(), tokens/s and MFU (model FLOPs: no-grad steps x1, grad
         steps x3) for each model.mean_recurrence in --steps, with n = mean_recurrence - k and
         k = model.mean_backprop_depth; with --official-*, the official forward+backward tokens/s.
+    python tools/bench.py decode CONFIG [key=value ...] [--seq 32 --new 32 --steps 8 --batches 1,8 --checkpoint DIR]
+        cached generation (rdlm.generate), greedy: prefill tokens/s (prompt of --seq tokens) and decode
+        tokens/s (the --new - 1 tokens after the first) at each batch size and num_steps; then, at
+        batch 1, the mean recurrence steps per token and decode tokens/s under each exit criterion
+        (official default thresholds), and the KV-cache bytes of each cache strategy. Weights: random,
+        or --checkpoint (rdlm checkpoint, training run or HF directory) for meaningful exit figures;
+        --cache-only prints just the cache bytes (any config, nothing is run). With --official-*,
+        the official `generate` on the same weights, same prompt shape: official_ratio = ours / official.
     python tools/bench.py memory CONFIG [key=value ...] --devices 8 [--batch 8 --seq 4096 --specs FILE]
     python tools/bench.py memory CONFIG [key=value ...] --topology v5e:2x4 [--batch 8 --seq 4096]
         memory per device of a training step: the analytic parameter + optimizer bytes from the
@@ -21,7 +29,9 @@
         its wall seconds and peak RSS.
 
 The official script (kept outside this repo) is called as
-`PYTHON SCRIPT HF_DIR --batch B --seq S --num-steps N --iters K` and prints {"tokens_per_s": x}.
+`PYTHON SCRIPT HF_DIR --batch B --seq S --num-steps N --iters K` and prints {"tokens_per_s": x};
+with `--generate NEW` it times the official greedy generate and prints
+{"prefill_tokens_per_s": x, "decode_tokens_per_s": y}.
 """
 
 from __future__ import annotations
@@ -67,12 +77,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def official_tokens_per_s(args, hf_dir: Path, steps: int, extra: list[str] = ()) -> float:
+def official_run(args, hf_dir: Path, steps: int, extra: list[str] = (), batch: int | None = None) -> dict:
     """Run the official code (scratch script outside the repo) on the weights in `hf_dir`."""
-    out = subprocess.run([args.official_python, args.official_script, str(hf_dir), "--batch", str(args.batch),
+    out = subprocess.run([args.official_python, args.official_script, str(hf_dir), "--batch", str(batch or args.batch),
                           "--seq", str(args.seq), "--num-steps", str(steps), "--iters", str(args.iters), *extra],
                          capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def official_tokens_per_s(args, hf_dir: Path, steps: int, extra: list[str] = ()) -> float:
+    return official_run(args, hf_dir, steps, extra)["tokens_per_s"]
 
 
 def bench_forward(args, cfg, base) -> None:
@@ -97,6 +111,55 @@ def bench_forward(args, cfg, base) -> None:
                 official = official_tokens_per_s(args, Path(tmp) / "hf", steps)
                 record |= dict(official_tokens_per_s=official, official_ratio=record["tokens_per_s"] / official)
             emit(record)
+
+
+def bench_decode(args, cfg, base) -> None:
+    from rdlm.generate import CRITERIA, STRATEGIES, cache_bytes, generate, load_checkpoint
+
+    length = args.seq + args.new
+    for strategy in [s.replace("<n>", str(cfg.n_layers_in_recurrent_block)) for s in STRATEGIES]:
+        for steps in args.steps:
+            emit(base | dict(kind="cache", strategy=strategy, num_steps=steps, batch=1, length=length,
+                             dtype=cfg.dtype, cache_bytes=cache_bytes(cfg, 1, length, steps, strategy)))
+    if args.cache_only:
+        return
+    params = load_checkpoint(args.checkpoint)[1] if args.checkpoint else init_params(cfg, jax.random.key(0))
+    prompts = np.asarray(jax.random.randint(jax.random.key(1), (max(args.batches), args.seq), 0, cfg.vocab_size))
+
+    def seconds(batch: int, new: int, **kw) -> tuple[float, object]:
+        def run():
+            return generate(params, prompts[:batch], cfg, max_new_tokens=new, num_steps=steps, init_scale=0.0, **kw)
+        out = run()  # compile
+        times = []
+        for _ in range(args.iters):
+            start = time.perf_counter()
+            out = run()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times)), out
+
+    with tempfile.TemporaryDirectory(prefix="rdlm-bench-") as tmp:
+        if args.official_script:
+            write_hf(params, cfg, Path(tmp) / "hf")
+        for steps in args.steps:
+            for batch in args.batches:
+                prefill, _ = seconds(batch, 1)
+                total, _ = seconds(batch, args.new)
+                record = base | dict(kind="generate", num_steps=steps, batch=batch, prompt=args.seq, new=args.new,
+                                     prefill_tokens_per_s=batch * args.seq / prefill,
+                                     decode_tokens_per_s=batch * (args.new - 1) / (total - prefill))
+                if args.official_script:
+                    theirs = official_run(args, Path(tmp) / "hf", steps, ["--generate", str(args.new)], batch)
+                    record |= dict(official_prefill_tokens_per_s=theirs["prefill_tokens_per_s"],
+                                   official_decode_tokens_per_s=theirs["decode_tokens_per_s"],
+                                   official_ratio=record["decode_tokens_per_s"] / theirs["decode_tokens_per_s"])
+                emit(record)
+            prefill, _ = seconds(1, 1)
+            for criterion in CRITERIA:
+                total, out = seconds(1, args.new, exit_criterion=criterion)
+                emit(base | dict(kind="exit", criterion=criterion, threshold=CRITERIA[criterion].default,
+                                 num_steps=steps, batch=1, prompt=args.seq, new=args.new,
+                                 mean_steps_per_token=float(out.steps[0, 1:].mean()),
+                                 decode_tokens_per_s=(args.new - 1) / (total - prefill)))
 
 
 def bench_train(args, cfg, base) -> None:
@@ -257,13 +320,18 @@ def bench_convert(args, cfg, base) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["forward", "train", "memory", "convert"])
+    parser.add_argument("bench", choices=["forward", "train", "memory", "convert", "decode"])
     parser.add_argument("config", help="preset name or YAML path")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=[4, 64])
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--new", type=int, default=32, help="decode: new tokens per prompt")
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8],
+                        help="decode: batch sizes")
+    parser.add_argument("--checkpoint", default=None, help="decode: weights to load instead of random ones")
+    parser.add_argument("--cache-only", action="store_true", help="decode: only the cache bytes per strategy")
     parser.add_argument("--official-python", help="python with torch + transformers for the official code")
     parser.add_argument("--official-script", help="scratch script running the official forward (outside the repo)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -282,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.bench == "memory":
         bench_memory(args, cfg, base, config)
     else:
-        {"forward": bench_forward, "train": bench_train, "convert": bench_convert}[args.bench](args, cfg, base)
+        {"forward": bench_forward, "train": bench_train, "convert": bench_convert,
+         "decode": bench_decode}[args.bench](args, cfg, base)
 
 
 if __name__ == "__main__":

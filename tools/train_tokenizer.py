@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rdlm.config import ConfigError, load_config  # noqa: E402
-from rdlm.data import load_documents, split_documents, train_tokenizer  # noqa: E402
+from rdlm.data import load_documents, split_documents  # noqa: E402
+from rdlm.tokenizer import train_tokenizer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

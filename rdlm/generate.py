@@ -154,7 +154,7 @@ def cache_slots(strategy: str, num_steps: int, cfg: ModelConfig) -> int:
     """Recurrence slots of the core cache: one per step unless a compress strategy shares them."""
     if strategy.startswith("compress-s"):
         n = int(strategy.removeprefix("compress-s"))  # counted in core-layer entries, as the official
-        return n // cfg.n_layers_in_recurrent_block
+        return min(n // cfg.n_layers_in_recurrent_block, num_steps)
     if strategy == "compress-anchor":
         return min(num_steps, ANCHOR_STEPS + 1)
     return num_steps
@@ -186,30 +186,41 @@ def _write_slot(strategy: str, t: jax.Array, slots: int) -> jax.Array:
     return jnp.minimum(t, slots - 1)  # = t except for compress-anchor
 
 
-def _core_lookup(strategy: str, t: jax.Array, steps: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
-    """(slot to read: scalar or per position [b, T], entry exists [b, T]) for past positions at step t."""
+def _core_lookup(strategy: str, t: jax.Array, steps: jax.Array, past: jax.Array,
+                 slots: int) -> tuple[jax.Array, jax.Array]:
+    """(slot to read: scalar or per position [b, T], entry exists [b, T]) for past positions at step t.
+
+    `steps [b, T]` is meaningful only where `past` (positions below the row's length)."""
     if strategy in ("latest-m4", "available-m4"):  # the newest entry at or before step t
         return jnp.minimum(t, steps - 1), steps > 0
     if strategy == "always-last-m4":  # the position's deepest entry, once any past position lacks step t
-        missing = jnp.any((steps > 0) & (steps <= t), axis=1, keepdims=True)
+        missing = jnp.any(past & (steps <= t), axis=1, keepdims=True)
         return jnp.where(missing, steps - 1, t), steps > 0
     slot = _write_slot(strategy, t, slots)
     return slot, steps > slot
 
 
-def _cached_mix(rope, block_mask, past_kv: jax.Array | None, past_mask: jax.Array | None, cfg: ModelConfig):
-    """Attention of the new block over (valid cached positions, the block itself); returns the block's kv."""
+def _attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, block_mask: jax.Array, past_kv: jax.Array,
+                   past_mask: jax.Array) -> jax.Array:
+    """One softmax over the valid cached positions and the block itself, without concatenating keys/values."""
+    def scores(keys, mask):
+        s = jnp.einsum("bqnd,bknd->bnqk", q, keys, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
+        return jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+    past_scores = scores(past_kv[:, :, 0], past_mask[:, None, None, :])
+    probs = jax.nn.softmax(jnp.concatenate([past_scores, scores(k, block_mask)], axis=-1), axis=-1).astype(v.dtype)
+    T = past_scores.shape[-1]
+    return (jnp.einsum("bnqk,bknd->bqnd", probs[..., :T], past_kv[:, :, 1])
+            + jnp.einsum("bnqk,bknd->bqnd", probs[..., T:], v))
+
+
+def _cached_mix(rope, block_mask, past_kv: jax.Array | None, past_mask: jax.Array, cfg: ModelConfig):
+    """The token mixer of a cached layer: attention of the new block over (valid cached positions, the block
+    itself); its aux output is the block's keys and values `[b, L, 2, h, d]`."""
     def mix(p, h):
         q, k, v = model.project_qkv(p, h, rope, cfg)
-        kv = jnp.stack([k, v], axis=2)
-        if past_kv is None:
-            return model.attention_out(p, model.attend(q, k, v, block_mask)), kv
-        b, L, T = h.shape[0], h.shape[1], past_mask.shape[-1]
-        mask = jnp.concatenate([jnp.broadcast_to(past_mask[:, None, None, :], (b, 1, L, T)),
-                                jnp.broadcast_to(block_mask, (b, 1, L, L))], axis=-1)
-        keys = jnp.concatenate([past_kv[:, :, 0], k], axis=1)
-        values = jnp.concatenate([past_kv[:, :, 1], v], axis=1)
-        return model.attention_out(p, model.attend(q, keys, values, mask)), kv
+        y = model.attend(q, k, v, block_mask) if past_kv is None else _attend_cached(q, k, v, block_mask, past_kv,
+                                                                                      past_mask)
+        return model.attention_out(p, y), jnp.stack([k, v], axis=2)
     return mix
 
 
@@ -260,48 +271,59 @@ def forward_block(params: Params, cache: KVCache, blk: Block, threshold: jax.Arr
     valid = jnp.arange(L)[None] <= blk.last[:, None]
     crit = CRITERIA[criterion]
 
-    def layers(blocks, x, kv_cache, live):  # live=None: read the cache, write nothing
+    def layers(blocks, x, kv_cache):
+        """The blocks over the new tokens; returns x and their keys/values `[n_blocks, b, L, 2, h, d]`."""
+        kvs = []
         for i, p in enumerate(blocks):
-            mix = _cached_mix(rope, block_mask, kv_cache[i] if has_past else None, past, cfg)
-            x, kv = model.sandwich(p, x, mix, cfg)
+            x, kv = model.sandwich(p, x, _cached_mix(rope, block_mask, kv_cache[i] if has_past else None, past, cfg),
+                                   cfg)
+            kvs.append(kv.astype(kv_cache.dtype))
             x = constrain(x, model.HIDDEN)
-            if live is not None:
-                kv_cache = kv_cache.at[i, rows, write_at(live)].set(kv.astype(kv_cache.dtype), mode="drop")
-        return x, kv_cache
+        return x, jnp.stack(kvs) if kvs else jnp.zeros((0, b, L, *kv_cache.shape[-3:]), kv_cache.dtype)
 
-    def coda_logits(state, coda_cache, live=None):
-        x, coda_cache = layers(params["coda"], model.rms_norm(state, params["ln_f"]["scale"], cfg.norm_eps),
-                               coda_cache, live)
+    def write(kv_cache, kvs, live):
+        """One scatter per group and block (the cache is read-only while the block computes, so XLA
+        updates it in place instead of copying it per layer and step)."""
+        lead = (slice(None),) * (kv_cache.ndim - 5)
+        return kv_cache.at[(*lead, rows, write_at(live))].set(kvs, mode="drop")
+
+    def coda_logits(state):
+        x, kvs = layers(params["coda"], model.rms_norm(state, params["ln_f"]["scale"], cfg.norm_eps), cache.coda)
         if not all_logits:
             x = jnp.take_along_axis(x, blk.last[:, None, None], axis=1)
-        return model.lm_head(params, x, cfg), coda_cache
+        return model.lm_head(params, x, cfg), kvs
 
-    embedded, prelude = layers(params["prelude"], model.embed(params, blk.ids, cfg), cache.prelude, blk.active)
+    embedded, prelude_kv = layers(params["prelude"], model.embed(params, blk.ids, cfg), cache.prelude)
     slots = cache.core.shape[0]
 
-    def core_step(t, state, core, live):
-        slot_idx, exists = _core_lookup(opts.strategy, t, cache.steps, slots)
-        mask = past & exists
-        w_slot = _write_slot(opts.strategy, t, slots)
+    def core_step(t, state, fresh, running):
+        """One recurrence; the block's keys/values go to `fresh [slots, n_core, b, L, 2, h, d]` (rows still running)."""
+        slot_idx, exists = _core_lookup(opts.strategy, t, cache.steps, past, slots)
         x = model.adapter(params, state, embedded, cfg)
+        kvs = []
         for i, p in enumerate(params["core"]):
             past_kv = None
             if has_past:
-                past_kv = core[slot_idx, i, rows, jnp.arange(T)[None]] if jnp.ndim(slot_idx) == 2 else core[slot_idx, i]
-            x, kv = model.sandwich(p, x, _cached_mix(rope, block_mask, past_kv, mask, cfg), cfg)
+                if jnp.ndim(slot_idx) == 2:  # a slot per position
+                    past_kv = cache.core[slot_idx, i, rows, jnp.arange(T)[None]]
+                else:
+                    past_kv = cache.core[slot_idx, i]
+            x, kv = model.sandwich(p, x, _cached_mix(rope, block_mask, past_kv, past & exists, cfg), cfg)
+            kvs.append(kv.astype(fresh.dtype))
             x = constrain(x, model.HIDDEN)
-            core = core.at[w_slot, i, rows, write_at(live)].set(kv.astype(core.dtype), mode="drop")
-        return x, core
+        w_slot = _write_slot(opts.strategy, t, slots)
+        kvs = jnp.where(running[None, :, None, None, None, None], jnp.stack(kvs), fresh[w_slot])
+        return x, fresh.at[w_slot].set(kvs)
 
     def body(carry):
         t, state, exited, steps, core, crit_carry = carry
         running = ~exited
-        new_state, core = core_step(t, state, core, running)
+        new_state, core = core_step(t, state, core, running)  # core: this block's fresh entries
         state = jnp.where(running[:, None, None], new_state, state)
         t = t + 1
         steps = jnp.where(running, t, steps)
         if criterion != "none":
-            logits = coda_logits(state, cache.coda)[0][:, -1] if crit.needs_logits else None
+            logits = coda_logits(state)[0][:, -1] if crit.needs_logits else None
             new_carry, stop = crit.check(crit_carry, state, logits, valid, threshold)
             crit_carry = jax.tree.map(lambda n, o: jnp.where(running.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
                                       new_carry, crit_carry)
@@ -309,12 +331,14 @@ def forward_block(params: Params, cache: KVCache, blk: Block, threshold: jax.Arr
         return t, state, exited, steps, core, crit_carry
 
     state0 = blk.init_state.astype(cfg.dtype)
-    carry = (jnp.int32(0), state0, ~blk.active, jnp.zeros((b,), jnp.int32), cache.core,
-             crit.init(state0, cfg.vocab_size))
-    _, state, _, steps, core, _ = jax.lax.while_loop(lambda c: (c[0] < max_steps) & ~jnp.all(c[2]), body, carry)
-    logits, coda = coda_logits(state, cache.coda, blk.active)
-    step_rows = cache.steps.at[rows, write_at(blk.active)].set(jnp.broadcast_to(steps[:, None], (b, L)), mode="drop")
-    return logits, state, steps, KVCache(prelude, core, coda, step_rows, cache.length)
+    fresh = jnp.zeros((slots, *cache.core.shape[1:3], L, *cache.core.shape[4:]), cache.core.dtype)
+    carry = (jnp.int32(0), state0, ~blk.active, jnp.zeros((b,), jnp.int32), fresh, crit.init(state0, cfg.vocab_size))
+    _, state, _, steps, fresh, _ = jax.lax.while_loop(lambda c: (c[0] < max_steps) & ~jnp.all(c[2]), body, carry)
+    logits, coda_kv = coda_logits(state)
+    live = blk.active
+    return logits, state, steps, KVCache(
+        write(cache.prelude, prelude_kv, live), write(cache.core, fresh, live), write(cache.coda, coda_kv, live),
+        cache.steps.at[rows, write_at(live)].set(jnp.broadcast_to(steps[:, None], (b, L)), mode="drop"), cache.length)
 
 
 # ---- sampling ------------------------------------------------------------------------------------
@@ -409,7 +433,8 @@ def _generate_speculative(params, prompt, prompt_len, stop_ids, rng, init_scale,
 
     The official `generate_speculative`: the verifier's argmax must equal the draft (or, with
     `verification_threshold` < 1, the draft's probability must be >= threshold x the top one); after the
-    first disagreement the verifier's own token is taken. Only verified entries stay in the cache.
+    first disagreement the verifier's own token is taken. Rewinding is setting `length` back: entries
+    beyond it (drafts, rejected tokens) are masked and later overwritten.
     """
     b = prompt.shape[0]
     n, A = opts.max_new_tokens, opts.lookahead
@@ -475,10 +500,15 @@ def _generate_speculative(params, prompt, prompt_len, stop_ids, rng, init_scale,
 # ---- the public API ------------------------------------------------------------------------------
 
 
-def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
-    ok = (value > low if low_open else value >= low) and value <= high
-    if not ok or (isinstance(value, float) and math.isnan(value)):
-        bracket = "(" if low_open else "["
+def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                 integer: bool = False) -> None:
+    """`value` in [low, high] (or (low, high]), a real number (an integer when `integer`), else a named error."""
+    bracket = "(" if low_open else "["
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or (
+            integer and not float(value).is_integer()):
+        kind = "an integer" if integer else "a number"
+        raise GenerateError(f"{name}={value!r} must be {kind} in {bracket}{low}, {high}]")
+    if math.isnan(value) or not ((value > low if low_open else value >= low) and value <= high):
         raise GenerateError(f"{name}={value} is out of range; valid range is {bracket}{low}, {high}]")
 
 
@@ -496,7 +526,9 @@ def _check_strategy(strategy: str, cfg: ModelConfig) -> None:
 def _prompts(input_ids: Any, prompt_lengths: Any, max_new_tokens: int,
              cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded `[b, bucket]` ids and lengths `[b]` from an array (+ lengths) or a list of sequences."""
-    if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
+    if isinstance(input_ids, (list, tuple)) and input_ids and np.ndim(input_ids[0]) > 0:
+        if prompt_lengths is not None:
+            raise GenerateError("prompt_lengths is for a padded [batch, seq] array; a list of sequences has its own")
         rows = [np.asarray(r).reshape(-1) for r in input_ids]
         lengths = np.asarray([len(r) for r in rows], np.int32)
     else:
@@ -505,10 +537,12 @@ def _prompts(input_ids: Any, prompt_lengths: Any, max_new_tokens: int,
             arr = arr[None]
         if arr.ndim != 2:
             raise GenerateError(f"input_ids must be [batch, seq] or a list of sequences, got shape {list(arr.shape)}")
-        lengths = (np.full((arr.shape[0],), arr.shape[1], np.int32) if prompt_lengths is None
-                   else np.asarray(prompt_lengths, np.int32).reshape(-1))
-        if len(lengths) != arr.shape[0] or (lengths > arr.shape[1]).any():
-            raise GenerateError(f"prompt_lengths {lengths.tolist()} do not fit input_ids of shape {list(arr.shape)}")
+        lengths = np.full((arr.shape[0],), arr.shape[1]) if prompt_lengths is None else np.asarray(prompt_lengths)
+        if (lengths.shape != (arr.shape[0],) or not np.issubdtype(lengths.dtype, np.integer)
+                or (lengths < 1).any() or (lengths > arr.shape[1]).any()):
+            raise GenerateError(f"prompt_lengths={lengths.tolist()} must be {arr.shape[0]} integers in "
+                                f"[1, {arr.shape[1]}] for input_ids of shape {list(arr.shape)}")
+        lengths = lengths.astype(np.int32)
         rows = [arr[i, :n] for i, n in enumerate(lengths)]
     if not rows or (lengths == 0).any():
         raise GenerateError("empty prompt: every prompt needs at least one token (e.g. the tokenizer's bos)")
@@ -537,16 +571,21 @@ def generate(params: Params, input_ids: Any, config: ModelConfig | Config, *, ma
     `input_ids`: `[batch, seq]` ids (with `prompt_lengths` when rows are right-padded) or a list of id
     sequences of different lengths. `temperature` 0 is greedy; otherwise sample with top-k (0 = off),
     top-p (1 = off), min-p (0 = off). `exit_criterion`: one of `CRITERIA` (threshold default: the
-    official one); `cache_strategy`: one of `STRATEGIES`. `continuous`: warm-start each token's latent
-    from the previous token's final one. `draft_steps`: self-speculative decoding with `lookahead`
-    drafted tokens per verification. Generation stops per row at a token in `stop_ids`. With `mesh`,
-    parameters, cache and activations are sharded by `rules` (default: `RulesConfig()`), as in training.
+    official one); `cache_strategy`: one of `STRATEGIES` (with compress strategies, an entry a token never
+    computed is skipped, where the official raises). `continuous`: warm-start each token's latent from
+    the previous token's final one (the raw core output, as the official adaptive path; its
+    `generate_minimal` carries the latent after ln_f). `draft_steps`: self-speculative decoding with
+    `lookahead` drafted tokens per verification (with sampling, like the official, this does not
+    preserve the sampling distribution). Generation stops per row at a token in `stop_ids`. `rng`
+    (default `jax.random.key(0)`, so repeated calls agree) draws initial latents and samples. With
+    `mesh`, parameters, cache and activations are sharded by `rules` (default `RulesConfig()`), as in training.
     """
     cfg = config.model if isinstance(config, Config) else config
-    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise GenerateError(f"num_steps={num_steps} must be an integer >= 1")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise GenerateError(f"max_new_tokens={max_new_tokens} must be an integer >= 1")
+    _check_range("num_steps", num_steps, 1, math.inf, integer=True)
+    _check_range("max_new_tokens", max_new_tokens, 1, cfg.block_size - 1, integer=True)
+    _check_range("init_scale", init_scale, 0.0, 1e6)
+    if rng is not None and not (isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)):
+        raise GenerateError(f"rng must be a key from jax.random.key(seed), got {type(rng).__name__}")
     criterion = exit_criterion or "none"
     if criterion not in CRITERIA:
         raise GenerateError(f"unknown exit_criterion={exit_criterion!r}; valid: {', '.join(CRITERIA)}")
@@ -555,17 +594,18 @@ def generate(params: Params, input_ids: Any, config: ModelConfig | Config, *, ma
     if exit_threshold is not None:
         if criterion == "none":
             raise GenerateError("exit_threshold was given without an exit_criterion")
-        if crit.integer and float(threshold) != int(threshold):
-            raise GenerateError(f"exit_threshold={threshold} for {criterion} counts steps and must be an integer >= 1")
-        _check_range(f"exit_threshold for {criterion}", float(threshold), *crit.valid, low_open=True)
+        _check_range(f"exit_threshold for {criterion}", threshold, *crit.valid, low_open=True, integer=crit.integer)
     _check_strategy(cache_strategy, cfg)
     _check_range("temperature", temperature, 0.0, math.inf)
     _check_range("top_p", top_p, 0.0, 1.0, low_open=True)
     _check_range("min_p", min_p, 0.0, 1.0)
-    _check_range("top_k", top_k, 0, cfg.vocab_size)
+    _check_range("top_k", top_k, 0, cfg.vocab_size, integer=True)
+    stop_ids = np.asarray(stop_ids, np.int64).reshape(-1)
+    if ((stop_ids < 0) | (stop_ids >= cfg.vocab_size)).any():
+        raise GenerateError(f"stop_ids {stop_ids.tolist()} must lie in [0, vocab_size={cfg.vocab_size})")
     if draft_steps is not None:
-        _check_range("draft_steps", draft_steps, 1, num_steps)
-        _check_range("lookahead", lookahead, 1, cfg.block_size)
+        _check_range("draft_steps", draft_steps, 1, num_steps, integer=True)
+        _check_range("lookahead", lookahead, 1, cfg.block_size, integer=True)
         _check_range("verification_threshold", verification_threshold, 0.0, 1.0, low_open=True)
         if criterion != "none" or continuous:
             raise GenerateError("speculative decoding (draft_steps) does not combine with exit_criterion or continuous")
@@ -581,7 +621,9 @@ def generate(params: Params, input_ids: Any, config: ModelConfig | Config, *, ma
         rules = rules or RulesConfig()
         params = jax.device_put(params, named(mesh, param_partition_specs(cfg, rules, mesh)))
         context = activate(mesh, rules)
-    args = (params, jnp.asarray(prompt), jnp.asarray(lengths), jnp.asarray(np.asarray(stop_ids, np.int32).reshape(-1)),
+    stops = np.full((-(-len(stop_ids) // 8) * 8,), -1, np.int32)  # padded: a few stop-list lengths, few compiles
+    stops[:len(stop_ids)] = stop_ids
+    args = (params, jnp.asarray(prompt), jnp.asarray(lengths), jnp.asarray(stops),
             jax.random.key(0) if rng is None else rng, jnp.float32(init_scale), jnp.float32(threshold), sampling)
     static = dict(cfg=cfg, opts=opts, T=T, mesh=None if mesh is None else (mesh, rules))  # a mesh is a new program
     with context:

@@ -104,27 +104,27 @@ def test_generate_cli_on_converted_and_hf_checkpoints(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--checkpoint", "missing_dir"], "checkpoint missing_dir does not exist"),
     (["--checkpoint", "tests/fixtures/tiny_fp32", "--tokenizer", "tests/fixtures/hf_tokenizer", "--num-steps", "0"],
-     "num_steps=0 must be an integer >= 1"),
+     "num_steps=0 is out of range; valid range is [1, inf]"),
     (["--checkpoint", "tests/fixtures/tiny_fp32", "--tokenizer", "tests/fixtures/hf_tokenizer",
       "--cache-strategy", "newest"], "unknown cache_strategy='newest'"),
 ])
 def test_generate_cli_reports_bad_input(args, message):
-    out = subprocess.run([sys.executable, "-m", "rdlm.generate", "--prompt", "x", *args], capture_output=True,
-                         text=True, env=ENV, cwd=REPO, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "rdlm.generate", "--prompt", "x", "--max-new-tokens", "4", *args],
+                         capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
     assert out.returncode == 1 and message in out.stderr
 
 
 def test_bench_decode_reports_each_batch_criterion_and_strategy():
     out = run("tools/bench.py", "decode", "tiny", "--seq", "4", "--new", "4", "--steps", "2", "--batches", "1,2",
-              "--iters", "1")
+              "--iters", "1", "--criteria", "entropy-diff,none")
     records = [json.loads(line) for line in out.splitlines()]
     kinds = {k: [r for r in records if r["kind"] == k] for k in ("cache", "generate", "exit")}
     assert [r["batch"] for r in kinds["generate"]] == [1, 2]
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in kinds["generate"])
-    assert {r["criterion"] for r in kinds["exit"]} == {"entropy-diff", "latent-diff", "kl", "minp-kl",
-                                                        "argmax-stability", "cosine", "none"}
+    assert [r["criterion"] for r in kinds["exit"]] == ["entropy-diff", "none"]
     assert all(1 <= r["mean_steps_per_token"] <= 2 for r in kinds["exit"])
     assert {r["strategy"] for r in kinds["cache"]} >= {"full", "compress-s4", "compress-anchor"}
-    huge = run("tools/bench.py", "decode", "huginn_0125", "--cache-only", "--seq", "4000", "--new", "96", "--steps", "32")
+    huge = run("tools/bench.py", "decode", "huginn_0125", "--cache-only", "--seq", "4000", "--new", "96",
+               "--steps", "32")
     full = [json.loads(line) for line in huge.splitlines() if '"full"' in line][0]
     assert full["cache_bytes"] > 10 * 2**30  # bf16: 4096 positions x (2 + 32 x 4 + 2) layers x (k, v) x 5280

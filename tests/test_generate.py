@@ -73,7 +73,7 @@ def test_strategies_agree_when_no_token_exits_early(tiny):
     cfg, params = tiny
     kw = dict(max_new_tokens=NEW, num_steps=STEPS, init_scale=0.0)
     full = generate(params, PROMPTS[:2], cfg, **kw).tokens
-    for strategy in ["skip", "latest-m4", "available-m4", "always-last-m4", f"compress-s{4 * STEPS}", "compress-anchor"]:
+    for strategy in ["latest-m4", "always-last-m4", f"compress-s{4 * STEPS}", "compress-anchor"]:  # distinct lookups
         np.testing.assert_array_equal(generate(params, PROMPTS[:2], cfg, cache_strategy=strategy, **kw).tokens, full)
 
 
@@ -93,6 +93,11 @@ def test_speculative_equals_greedy(tiny, draft_steps, lookahead):
     greedy = generate(params, PROMPTS, cfg, **kw)
     spec = generate(params, PROMPTS, cfg, draft_steps=draft_steps, lookahead=lookahead, **kw)
     np.testing.assert_array_equal(spec.tokens, greedy.tokens)
+    # verified entries are complete, so strategies that substitute missing entries must change nothing
+    last = generate(params, PROMPTS, cfg, draft_steps=draft_steps, lookahead=lookahead, cache_strategy="always-last-m4",
+                    **kw | dict(init_scale=1.0))
+    np.testing.assert_array_equal(last.tokens, generate(params, PROMPTS, cfg, draft_steps=draft_steps,
+                                                         lookahead=lookahead, **kw | dict(init_scale=1.0)).tokens)
     if draft_steps == STEPS:  # drafts at full depth always verify: one pass per lookahead tokens
         assert spec.verify_passes == -(-(NEW - 1) // lookahead)
 
@@ -147,10 +152,17 @@ def test_sampled_generation_is_seeded(tiny):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(input_ids=[[]]), "empty prompt"),
     (dict(input_ids=[list(range(30))], max_new_tokens=3), "exceeds the context block_size=32"),
-    (dict(num_steps=0), "num_steps=0 must be an integer >= 1"),
+    (dict(num_steps=0), "num_steps=0 is out of range; valid range is [1, inf]"),
+    (dict(num_steps=2.5), "num_steps=2.5 must be an integer"),
     (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(input_ids=np.ones((2, 3), np.int32), prompt_lengths=[3, -1]), "must be 2 integers in [1, 3]"),
+    (dict(init_scale=float("nan")), "init_scale=nan is out of range"),
+    (dict(rng=3), "rng must be a key from jax.random.key(seed)"),
+    (dict(stop_ids=[256]), "stop_ids [256] must lie in [0, vocab_size=256)"),
+    (dict(exit_criterion="argmax-stability", exit_threshold=float("inf")), "must be an integer"),
     (dict(exit_criterion="entropy"), "unknown exit_criterion='entropy'; valid: entropy-diff"),
-    (dict(exit_criterion="cosine", exit_threshold=3.0), "exit_threshold for cosine=3.0 is out of range; valid range is (0.0, 2.0]"),
+    (dict(exit_criterion="cosine", exit_threshold=3.0),
+     "exit_threshold for cosine=3.0 is out of range; valid range is (0.0, 2.0]"),
     (dict(exit_criterion="kl", exit_threshold=-1.0), "exit_threshold for kl=-1.0 is out of range"),
     (dict(exit_criterion="argmax-stability", exit_threshold=2.5), "must be an integer"),
     (dict(exit_threshold=0.1), "exit_threshold was given without an exit_criterion"),
@@ -159,6 +171,7 @@ def test_sampled_generation_is_seeded(tiny):
     (dict(top_p=0.0), "top_p=0.0 is out of range"),
     (dict(input_ids=[[300]]), "outside [0, vocab_size=256)"),
     (dict(draft_steps=9), "draft_steps=9 is out of range; valid range is [1, 4]"),
+    (dict(draft_steps=2, lookahead=2.5), "lookahead=2.5 must be an integer"),
     (dict(draft_steps=2, continuous=True), "does not combine"),
 ])
 def test_bad_input_is_named(tiny, kwargs, message):
@@ -175,21 +188,27 @@ def test_default_thresholds_are_the_official_ones():
 
 
 def test_core_lookup_rules():
-    """Which recurrence slot each past position is read from at step t=3 (positions ran 1, 3, 4 and 6 steps)."""
+    """Which recurrence slot each past position is read from at step t=3 (positions ran 1, 3, 4 and 6 steps;
+    a fifth slot beyond the row's length holds a stale count and must be ignored)."""
     from rdlm.generate import _core_lookup
-    steps = jnp.asarray([[1, 3, 4, 6]])
+    steps = jnp.asarray([[1, 3, 4, 6, 2]])
+    past = jnp.asarray([[True, True, True, True, False]])
     t = jnp.int32(3)
-    def check(strategy, slots, slot, exists):
-        return (
-            np.testing.assert_array_equal(np.broadcast_to(_core_lookup(strategy, t, steps, slots)[0], (1, 4)), [slot]),
-            np.testing.assert_array_equal(_core_lookup(strategy, t, steps, slots)[1], [exists]))
+
+    def check(strategy, slots, slot, exists, steps=steps, past=past):
+        read, present = _core_lookup(strategy, t, steps, past, slots)
+        n = len(slot)
+        np.testing.assert_array_equal(np.broadcast_to(read, steps.shape)[:, :n], [slot])
+        np.testing.assert_array_equal(present[:, :n], [exists])
+
     check("full", 8, [3, 3, 3, 3], [False, False, True, True])  # only positions that ran step 3
     check("latest-m4", 8, [0, 2, 3, 3], [True] * 4)  # newest entry at or before step 3
     check("always-last-m4", 8, [0, 2, 3, 5], [True] * 4)  # deepest entry (some position lacks step 3)
     check("compress-s8", 2, [1, 1, 1, 1], [False, True, True, True])  # slot t % 2, written by steps 1, 3, 5
     check("compress-anchor", 9, [3, 3, 3, 3], [False, False, True, True])
-    full_depth = jnp.asarray([[6, 6]])  # nothing missing: always-last reads step t like full
-    np.testing.assert_array_equal(_core_lookup("always-last-m4", t, full_depth, 8)[0], [[3, 3]])
+    # nothing missing below the length (the stale 2 does not count): always-last reads step t like full
+    check("always-last-m4", 8, [3, 3], [True, True], steps=jnp.asarray([[6, 6, 2]]),
+          past=jnp.asarray([[True, True, False]]))
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 1, 4), (1, 2, 2)])
@@ -201,7 +220,7 @@ def test_sharded_generation_equals_single_device(tiny, mesh_shape):
     data, fsdp, tensor = mesh_shape
     mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[:data * fsdp * tensor])
     for kw in [dict(exit_criterion="entropy-diff", exit_threshold=0.01, cache_strategy="latest-m4"),
-               dict(draft_steps=2)]:
+               dict(draft_steps=2, cache_strategy="always-last-m4")]:
         kw |= dict(max_new_tokens=NEW, num_steps=STEPS, init_scale=0.0)
         alone = generate(params, PROMPTS[:2], cfg, **kw)
         sharded = generate(params, PROMPTS[:2], cfg, mesh=mesh, **kw)

@@ -9,7 +9,8 @@
         temp bytes from memory_analysis(), tokens/s and MFU (model FLOPs: no-grad steps x1, grad
         steps x3) for each model.mean_recurrence in --steps, with n = mean_recurrence - k and
         k = model.mean_backprop_depth; with --official-*, the official forward+backward tokens/s.
-    python tools/bench.py decode CONFIG [key=value ...] [--seq 32 --new 32 --steps 8 --batches 1,8 --checkpoint DIR]
+    python tools/bench.py decode CONFIG [key=value ...] [--seq 32 --new 32 --steps 8 --batches 1,8 --checkpoint DIR
+                                                         --criteria entropy-diff,kl]
         cached generation (rdlm.generate), greedy: prefill tokens/s (prompt of --seq tokens) and decode
         tokens/s (the --new - 1 tokens after the first) at each batch size and num_steps; then, at
         batch 1, the mean recurrence steps per token and decode tokens/s under each exit criterion
@@ -154,7 +155,7 @@ def bench_decode(args, cfg, base) -> None:
                                    official_ratio=record["decode_tokens_per_s"] / theirs["decode_tokens_per_s"])
                 emit(record)
             prefill, _ = seconds(1, 1)
-            for criterion in CRITERIA:
+            for criterion in args.criteria or CRITERIA:
                 total, out = seconds(1, args.new, exit_criterion=criterion)
                 emit(base | dict(kind="exit", criterion=criterion, threshold=CRITERIA[criterion].default,
                                  num_steps=steps, batch=1, prompt=args.seq, new=args.new,
@@ -332,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="decode: batch sizes")
     parser.add_argument("--checkpoint", default=None, help="decode: weights to load instead of random ones")
     parser.add_argument("--cache-only", action="store_true", help="decode: only the cache bytes per strategy")
+    parser.add_argument("--criteria", type=lambda s: s.split(","), default=None,
+                        help="decode: exit criteria to report (default: all)")
     parser.add_argument("--official-python", help="python with torch + transformers for the official code")
     parser.add_argument("--official-script", help="scratch script running the official forward (outside the repo)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])

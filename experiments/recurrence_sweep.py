@@ -22,31 +22,20 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from rdlm import model  # noqa: E402
 from rdlm.data import eval_batches, load_documents, make_dataset, split_documents  # noqa: E402
+from rdlm.generate import generate  # noqa: E402
 from rdlm.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from rdlm.train import evaluate, load_trained  # noqa: E402
 
 
 def sample(params, tokenizer: Tokenizer, prompt: str, cfg, num_steps: int, length: int, seed: int = 0) -> str:
-    """Temperature-0.8, top-40 sampling in a fixed-size window (one compile; no KV cache)."""
-    ids = list(tokenizer.encode(prompt))
-    window = cfg.block_size
-    key = jax.random.key(seed)
-    for _ in range(length):
-        context = ids[-window:]
-        buf = np.zeros((1, window), np.int32)
-        buf[0, :len(context)] = context
-        positions = jnp.arange(window, dtype=jnp.int32)[None]
-        logits, _ = model.apply(params, jnp.asarray(buf), jnp.int32(num_steps), None, jnp.float32(1.0),
-                                jax.random.fold_in(key, len(ids)), positions, None, cfg)
-        top, idx = jax.lax.top_k(logits[0, len(context) - 1] / 0.8, 40)
-        key, sub = jax.random.split(key)
-        nxt = int(idx[jax.random.categorical(sub, top)])
-        if nxt in tokenizer.stop_ids:
-            break
-        ids.append(nxt)
-    return tokenizer.decode(ids[1:])  # without bos
+    """Temperature-0.8, top-40 sampling with the cached generator."""
+    ids = tokenizer.encode(prompt)
+    out = generate(params, [ids], cfg, max_new_tokens=min(length, cfg.block_size - len(ids)), num_steps=num_steps,
+                   temperature=0.8, top_k=40, stop_ids=tokenizer.stop_ids, rng=jax.random.key(seed))
+    new = out.tokens[0, :out.lengths[0]]
+    new = new[:-1] if len(new) and new[-1] in tokenizer.stop_ids else new
+    return tokenizer.decode([*ids[1:], *new])  # without bos
 
 
 def plot(results: dict[int, float], mean_recurrence: int, path: Path) -> None:

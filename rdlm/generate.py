@@ -52,8 +52,9 @@ class GenerateError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Criterion:
-    """An exit test run after every recurrence: `check(carry, latents, logits, valid, threshold) -> (carry, exit)`.
+    """An exit test run after every recurrence: `value(carry, latents, logits, valid) -> (carry, value [b])`.
 
+    A token exits when its value drops below the threshold, or, for a `counting` criterion, reaches it.
     `latents [b, s, e]` are the block's states, `logits [b, v]` those of each row's last token (only
     computed when `needs_logits`), `valid [b, s]` marks real (unpadded) positions; latent criteria
     average over them, as the official does over the sequence.
@@ -62,8 +63,11 @@ class Criterion:
     valid: tuple[float, float]  # (exclusive lower, inclusive upper) bound of the threshold
     needs_logits: bool
     init: Callable[[jax.Array, int], Any]  # (initial latents, vocab size) -> carry
-    check: Callable[..., tuple[Any, jax.Array]]
-    integer: bool = False
+    value: Callable[..., tuple[Any, jax.Array]]
+    counting: bool = False  # an integer count: exit at >= threshold
+
+    def exits(self, value: jax.Array, threshold: jax.Array) -> jax.Array:
+        return value >= threshold if self.counting else value < threshold
 
 
 def _masked_mean(x: jax.Array, valid: jax.Array) -> jax.Array:
@@ -78,19 +82,19 @@ def _batch(latents: jax.Array, value: float, dtype: Any = jnp.float32) -> jax.Ar
     return jnp.full((latents.shape[0],), value, dtype)
 
 
-def _entropy_diff(prev, latents, logits, valid, threshold):
+def _entropy_diff(prev, latents, logits, valid):
     probs = jax.nn.softmax(logits, -1)
     entropy = -jnp.sum(probs * jnp.log(probs + 1e-10), -1)
-    return entropy, jnp.abs(entropy - prev) < threshold
+    return entropy, jnp.abs(entropy - prev)
 
 
-def _latent_diff(prev, latents, logits, valid, threshold):
-    return latents, _masked_mean(_norm(latents - prev) / _norm(latents), valid) < threshold
+def _latent_diff(prev, latents, logits, valid):
+    return latents, _masked_mean(_norm(latents - prev) / _norm(latents), valid)
 
 
-def _cosine(prev, latents, logits, valid, threshold):
+def _cosine(prev, latents, logits, valid):
     cos = jnp.sum(latents.astype(jnp.float32) * prev.astype(jnp.float32), -1) / _norm(latents) / _norm(prev)
-    return latents, 1.0 - _masked_mean(cos, valid) < threshold
+    return latents, 1.0 - _masked_mean(cos, valid)
 
 
 def _minp_log_probs(logits: jax.Array) -> jax.Array:
@@ -101,17 +105,17 @@ def _minp_log_probs(logits: jax.Array) -> jax.Array:
 
 
 def _kl(log_probs_fn: Callable[[jax.Array], jax.Array]):
-    def check(prev, latents, logits, valid, threshold):
+    def value(prev, latents, logits, valid):
         log_probs = log_probs_fn(logits)
-        return log_probs, jnp.sum(jnp.exp(prev) * (prev - log_probs), -1) < threshold  # KL(previous || current)
-    return check
+        return log_probs, jnp.sum(jnp.exp(prev) * (prev - log_probs), -1)  # KL(previous || current)
+    return value
 
 
-def _argmax_stability(carry, latents, logits, valid, threshold):
+def _argmax_stability(carry, latents, logits, valid):
     prev, stable = carry
     current = jnp.argmax(logits, -1).astype(jnp.int32)
     stable = jnp.where(current == prev, stable + 1, 0)
-    return (current, stable), stable >= threshold
+    return (current, stable), stable.astype(jnp.float32)
 
 
 def _uniform(latents: jax.Array, vocab: int) -> jax.Array:
@@ -125,9 +129,9 @@ CRITERIA: dict[str, Criterion] = {
     "minp-kl": Criterion(1e-5, (0.0, math.inf), True, _uniform, _kl(_minp_log_probs)),
     "argmax-stability": Criterion(5, (0.0, math.inf), True,
                                   lambda s, v: (_batch(s, -1, jnp.int32), _batch(s, 0, jnp.int32)), _argmax_stability,
-                                  integer=True),
+                                  counting=True),
     "cosine": Criterion(1e-3, (0.0, 2.0), False, lambda s, v: s, _cosine),
-    "none": Criterion(0.0, (0.0, 0.0), False, lambda s, v: (), lambda c, s, lg, va, thr: (c, _batch(s, False, bool))),
+    "none": Criterion(0.0, (0.0, 0.0), False, lambda s, v: (), lambda c, s, lg, va: (c, _batch(s, 0.0))),
 }
 
 
@@ -251,11 +255,12 @@ class Block(NamedTuple):
 
 def forward_block(params: Params, cache: KVCache, blk: Block, threshold: jax.Array, cfg: ModelConfig, opts: Options,
                   *, max_steps: int, criterion: str, has_past: bool,
-                  all_logits: bool) -> tuple[jax.Array, jax.Array, jax.Array, KVCache]:
+                  all_logits: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, KVCache]:
     """Run a block of L new tokens per row after `cache.length` cached ones.
 
-    Returns (fp32 logits [b, L or 1, v], final latents [b, L, e], steps run [b], cache with the
-    block's entries written at positions length..length+L-1 of active rows; `length` is unchanged).
+    Returns (fp32 logits [b, L or 1, v], final latents [b, L, e], steps run [b], the criterion's value
+    after each step [b, max_steps] (NaN after the exit), cache with the block's entries written at
+    positions length..length+L-1 of active rows; `length` is unchanged).
     """
     b, L = blk.ids.shape
     T = cache.steps.shape[1]
@@ -316,27 +321,29 @@ def forward_block(params: Params, cache: KVCache, blk: Block, threshold: jax.Arr
         return x, fresh.at[w_slot].set(kvs)
 
     def body(carry):
-        t, state, exited, steps, core, crit_carry = carry
+        t, state, exited, steps, core, crit_carry, values = carry
         running = ~exited
         new_state, core = core_step(t, state, core, running)  # core: this block's fresh entries
         state = jnp.where(running[:, None, None], new_state, state)
-        t = t + 1
-        steps = jnp.where(running, t, steps)
+        steps = jnp.where(running, t + 1, steps)
         if criterion != "none":
             logits = coda_logits(state)[0][:, -1] if crit.needs_logits else None
-            new_carry, stop = crit.check(crit_carry, state, logits, valid, threshold)
+            new_carry, value = crit.value(crit_carry, state, logits, valid)
             crit_carry = jax.tree.map(lambda n, o: jnp.where(running.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
                                       new_carry, crit_carry)
-            exited = exited | (stop & running)
-        return t, state, exited, steps, core, crit_carry
+            values = values.at[:, t].set(jnp.where(running, value, jnp.nan))
+            exited = exited | (crit.exits(value, threshold) & running)
+        return t + 1, state, exited, steps, core, crit_carry, values
 
     state0 = blk.init_state.astype(cfg.dtype)
     fresh = jnp.zeros((slots, *cache.core.shape[1:3], L, *cache.core.shape[4:]), cache.core.dtype)
-    carry = (jnp.int32(0), state0, ~blk.active, jnp.zeros((b,), jnp.int32), fresh, crit.init(state0, cfg.vocab_size))
-    _, state, _, steps, fresh, _ = jax.lax.while_loop(lambda c: (c[0] < max_steps) & ~jnp.all(c[2]), body, carry)
+    carry = (jnp.int32(0), state0, ~blk.active, jnp.zeros((b,), jnp.int32), fresh, crit.init(state0, cfg.vocab_size),
+             jnp.full((b, max_steps), jnp.nan, jnp.float32))
+    _, state, _, steps, fresh, _, values = jax.lax.while_loop(lambda c: (c[0] < max_steps) & ~jnp.all(c[2]), body,
+                                                              carry)
     logits, coda_kv = coda_logits(state)
     live = blk.active
-    return logits, state, steps, KVCache(
+    return logits, state, steps, values, KVCache(
         write(cache.prelude, prelude_kv, live), write(cache.core, fresh, live), write(cache.coda, coda_kv, live),
         cache.steps.at[rows, write_at(live)].set(jnp.broadcast_to(steps[:, None], (b, L)), mode="drop"), cache.length)
 
@@ -374,11 +381,14 @@ def sample_token(logits: jax.Array, key: jax.Array, s: Sampling, sample: bool) -
 
 class Generation(NamedTuple):
     """`tokens [b, max_new_tokens]` (-1 after a row stops), `steps` recurrences per token (0 after a stop),
-    `lengths [b]` tokens generated (a stop token included), `verify_passes` (speculative decoding only)."""
+    `lengths [b]` tokens generated (a stop token included), `verify_passes` (speculative decoding only),
+    `exit_values [b, max_new_tokens, num_steps]` the exit criterion's value after each recurrence (NaN
+    after the exit, and without a criterion; None with speculative decoding)."""
     tokens: np.ndarray
     steps: np.ndarray
     lengths: np.ndarray
     verify_passes: int = 0
+    exit_values: np.ndarray | None = None
 
 
 def _prefill(params, prompt, prompt_len, rng, init_scale, threshold, cfg, opts, T):
@@ -387,10 +397,11 @@ def _prefill(params, prompt, prompt_len, rng, init_scale, threshold, cfg, opts, 
     state0 = model.initial_state(jax.random.fold_in(rng, 0), (b, Lp, cfg.n_embd), cfg, init_scale)
     blk = Block(prompt, prompt_len - 1, jnp.ones((b,), bool), state0)
     criterion = opts.criterion if opts.exit_in_prefill else "none"
-    logits, state, steps, cache = forward_block(params, cache, blk, threshold, cfg, opts, max_steps=opts.num_steps,
-                                                criterion=criterion, has_past=False, all_logits=False)
+    logits, state, steps, values, cache = forward_block(params, cache, blk, threshold, cfg, opts,
+                                                        max_steps=opts.num_steps, criterion=criterion, has_past=False,
+                                                        all_logits=False)
     last_state = jnp.take_along_axis(state, (prompt_len - 1)[:, None, None], axis=1)
-    return logits[:, 0], last_state, steps, cache._replace(length=prompt_len)
+    return logits[:, 0], last_state, steps, values, cache._replace(length=prompt_len)
 
 
 # `mesh` is static only to key the compile cache: sharding comes from `activate` while tracing.
@@ -399,31 +410,34 @@ def _generate(params, prompt, prompt_len, stop_ids, rng, init_scale, threshold, 
               cfg: ModelConfig, opts: Options, T: int, mesh: Any = None):
     b = prompt.shape[0]
     n = opts.max_new_tokens
-    logits, state, steps, cache = _prefill(params, prompt, prompt_len, rng, init_scale, threshold, cfg, opts, T)
+    logits, state, steps, values, cache = _prefill(params, prompt, prompt_len, rng, init_scale, threshold, cfg, opts, T)
     tok = sample_token(logits, jax.random.fold_in(rng, 1), sampling, opts.sample)
     tokens = jnp.full((b, n), -1, jnp.int32).at[:, 0].set(tok)
     step_out = jnp.zeros((b, n), jnp.int32).at[:, 0].set(steps)
+    value_out = jnp.full((b, n, opts.num_steps), jnp.nan, jnp.float32).at[:, 0].set(values)
     done = jnp.isin(tok, stop_ids)
 
     def body(carry):
-        i, tok, state, done, cache, tokens, step_out = carry
+        i, tok, state, done, cache, tokens, step_out, value_out = carry
         key = jax.random.fold_in(rng, i + 1)
         k_init, k_sample = jax.random.split(key)
         init = state if opts.continuous else model.initial_state(k_init, (b, 1, cfg.n_embd), cfg, init_scale)
         blk = Block(tok[:, None], jnp.zeros((b,), jnp.int32), ~done, init)
-        logits, new_state, steps, cache = forward_block(params, cache, blk, threshold, cfg, opts,
+        logits, new_state, steps, values, cache = forward_block(params, cache, blk, threshold, cfg, opts,
                                                         max_steps=opts.num_steps, criterion=opts.criterion,
                                                         has_past=True, all_logits=False)
         cache = cache._replace(length=cache.length + (~done))
         nxt = jnp.where(done, -1, sample_token(logits[:, 0], k_sample, sampling, opts.sample))
         tokens = tokens.at[:, i].set(nxt)
         step_out = step_out.at[:, i].set(jnp.where(done, 0, steps))
-        return i + 1, jnp.where(done, tok, nxt), new_state, done | jnp.isin(nxt, stop_ids), cache, tokens, step_out
+        value_out = value_out.at[:, i].set(values)
+        return (i + 1, jnp.where(done, tok, nxt), new_state, done | jnp.isin(nxt, stop_ids), cache, tokens, step_out,
+                value_out)
 
-    carry = (jnp.int32(1), tok, state, done, cache, tokens, step_out)
+    carry = (jnp.int32(1), tok, state, done, cache, tokens, step_out, value_out)
     carry = jax.lax.while_loop(lambda c: (c[0] < n) & ~jnp.all(c[3]), body, carry)
-    tokens, step_out = carry[5], carry[6]
-    return tokens, step_out, jnp.sum(tokens >= 0, -1), jnp.int32(0)
+    tokens, step_out, value_out = carry[5:]
+    return tokens, step_out, jnp.sum(tokens >= 0, -1), jnp.int32(0), value_out
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opts", "T", "mesh"))
@@ -438,7 +452,7 @@ def _generate_speculative(params, prompt, prompt_len, stop_ids, rng, init_scale,
     """
     b = prompt.shape[0]
     n, A = opts.max_new_tokens, opts.lookahead
-    logits, _, _, cache = _prefill(params, prompt, prompt_len, rng, init_scale, threshold, cfg, opts, T)
+    logits, _, _, _, cache = _prefill(params, prompt, prompt_len, rng, init_scale, threshold, cfg, opts, T)
     pending = sample_token(logits, jax.random.fold_in(rng, 1), sampling, opts.sample)
     tokens = jnp.full((b, n + A), -1, jnp.int32).at[:, 0].set(pending)
     count = jnp.ones((b,), jnp.int32)
@@ -456,7 +470,7 @@ def _generate_speculative(params, prompt, prompt_len, stop_ids, rng, init_scale,
             k_init, k_sample = jax.random.split(jax.random.fold_in(key, j + 2))
             blk = Block(drafted[:, j][:, None], jnp.zeros((b,), jnp.int32), live,
                         model.initial_state(k_init, (b, 1, cfg.n_embd), cfg, init_scale))
-            logits, _, _, cache = forward_block(params, cache, blk, threshold, cfg, opts, max_steps=opts.draft_steps,
+            logits, _, _, _, cache = forward_block(params, cache, blk, threshold, cfg, opts, max_steps=opts.draft_steps,
                                                 criterion="none", has_past=True, all_logits=False)
             cache = cache._replace(length=cache.length + 1)
             return cache, drafted.at[:, j + 1].set(sample_token(logits[:, 0], k_sample, sampling, opts.sample))
@@ -467,8 +481,8 @@ def _generate_speculative(params, prompt, prompt_len, stop_ids, rng, init_scale,
         k_init, k_sample = jax.random.split(jax.random.fold_in(key, 1))
         blk = Block(drafted[:, :A], jnp.full((b,), A - 1, jnp.int32), live,
                     model.initial_state(k_init, (b, A, cfg.n_embd), cfg, init_scale))
-        logits, _, _, cache = forward_block(params, cache, blk, threshold, cfg, opts, max_steps=opts.num_steps,
-                                            criterion="none", has_past=True, all_logits=True)
+        logits, _, _, _, cache = forward_block(params, cache, blk, threshold, cfg, opts, max_steps=opts.num_steps,
+                                               criterion="none", has_past=True, all_logits=True)
         proposals = drafted[:, 1:]
         probs = jax.nn.softmax(logits, -1)
         ok = jnp.where(verification_threshold >= 1, jnp.argmax(logits, -1) == proposals,
@@ -494,7 +508,7 @@ def _generate_speculative(params, prompt, prompt_len, stop_ids, rng, init_scale,
     tokens = carry[5][:, :n]
     lengths = jnp.sum(tokens >= 0, -1)
     steps = jnp.where(tokens >= 0, opts.num_steps, 0)
-    return tokens, steps, lengths, carry[0]
+    return tokens, steps, lengths, carry[0], None
 
 
 # ---- the public API ------------------------------------------------------------------------------
@@ -594,7 +608,7 @@ def generate(params: Params, input_ids: Any, config: ModelConfig | Config, *, ma
     if exit_threshold is not None:
         if criterion == "none":
             raise GenerateError("exit_threshold was given without an exit_criterion")
-        _check_range(f"exit_threshold for {criterion}", threshold, *crit.valid, low_open=True, integer=crit.integer)
+        _check_range(f"exit_threshold for {criterion}", threshold, *crit.valid, low_open=True, integer=crit.counting)
     _check_strategy(cache_strategy, cfg)
     _check_range("temperature", temperature, 0.0, math.inf)
     _check_range("top_p", top_p, 0.0, 1.0, low_open=True)
@@ -631,8 +645,8 @@ def generate(params: Params, input_ids: Any, config: ModelConfig | Config, *, ma
             out = _generate_speculative(*args, jnp.float32(verification_threshold), **static)
         else:
             out = _generate(*args, **static)
-    tokens, steps, lens, passes = jax.device_get(out)
-    return Generation(tokens, steps, lens, int(passes))
+    tokens, steps, lens, passes, values = jax.device_get(out)
+    return Generation(tokens, steps, lens, int(passes), values)
 
 
 # ---- command line --------------------------------------------------------------------------------

@@ -28,6 +28,13 @@ def run(tiny, **kw):
     return out
 
 
+def check_exit_values(out, key):
+    """The criterion's value after every recurrence step, NaN after the exit (as recorded from the official)."""
+    for p in range(2):
+        np.testing.assert_allclose(out.exit_values[p], EXPECTED[f"p{p}_{key}_exitvals"], rtol=1e-4, atol=2e-6,
+                                   equal_nan=True)
+
+
 def threshold(criterion):
     return None if criterion == "none" else float(EXPECTED[f"thr_{criterion}"])
 
@@ -44,6 +51,8 @@ def test_adaptive_exit_matches_official(tiny, criterion):
     for p in range(2):
         np.testing.assert_array_equal(out.tokens[p], EXPECTED[f"p{p}_{criterion}_full_tokens"])
         np.testing.assert_array_equal(out.steps[p], EXPECTED[f"p{p}_{criterion}_full_steps"])
+    if criterion != "none":  # the official records 0 for `none`; we record nothing (NaN)
+        check_exit_values(out, f"{criterion}_full")
 
 
 @pytest.mark.parametrize("strategy", ["skip", "latest-m4", "available-m4", "always-last-m4"])
@@ -53,6 +62,7 @@ def test_cache_strategies_match_official(tiny, strategy):
     for p in range(2):
         np.testing.assert_array_equal(out.tokens[p], EXPECTED[f"p{p}_entropy-diff_{strategy}_tokens"])
         np.testing.assert_array_equal(out.steps[p], EXPECTED[f"p{p}_entropy-diff_{strategy}_steps"])
+    check_exit_values(out, f"entropy-diff_{strategy}")  # tells always-last-m4 from latest-m4 (same tokens)
 
 
 @pytest.mark.parametrize("criterion", ["none", "entropy-diff"])
@@ -63,6 +73,8 @@ def test_continuous_thought_matches_official_adaptive_path(tiny, criterion):
     for p in range(2):
         np.testing.assert_array_equal(out.tokens[p], EXPECTED[f"p{p}_continuous_{criterion}_tokens"])
         np.testing.assert_array_equal(out.steps[p], EXPECTED[f"p{p}_continuous_{criterion}_steps"])
+    if criterion != "none":
+        check_exit_values(out, f"continuous_{criterion}")
 
 
 @pytest.mark.parametrize("draft_steps,key", [(2, "speculative"), (4, "speculative_d4")])

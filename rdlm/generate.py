@@ -207,11 +207,9 @@ def _core_lookup(strategy: str, t: jax.Array, steps: jax.Array, past: jax.Array,
 def _attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, block_mask: jax.Array, past_kv: jax.Array,
                    past_mask: jax.Array) -> jax.Array:
     """One softmax over the valid cached positions and the block itself, without concatenating keys/values."""
-    def scores(keys, mask):
-        s = jnp.einsum("bqnd,bknd->bnqk", q, keys, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
-        return jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-    past_scores = scores(past_kv[:, :, 0], past_mask[:, None, None, :])
-    probs = jax.nn.softmax(jnp.concatenate([past_scores, scores(k, block_mask)], axis=-1), axis=-1).astype(v.dtype)
+    past_scores = model.attention_scores(q, past_kv[:, :, 0], past_mask[:, None, None, :])
+    scores = jnp.concatenate([past_scores, model.attention_scores(q, k, block_mask)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     T = past_scores.shape[-1]
     return (jnp.einsum("bnqk,bknd->bqnd", probs[..., :T], past_kv[:, :, 1])
             + jnp.einsum("bnqk,bknd->bqnd", probs[..., T:], v))
@@ -712,8 +710,7 @@ def main(argv: list[str] | None = None) -> int:
                              fallback=config.data.tokenizer or None)
         if args.chat:
             system = [{"role": "system", "content": args.system}] if args.system else []
-            prompts = [tok.encode(tok.apply_chat_template(system + [{"role": "user", "content": p}]), bos=False)
-                       for p in args.prompt]
+            prompts = [tok.encode_chat(system + [{"role": "user", "content": p}]) for p in args.prompt]
         else:
             prompts = [tok.encode(p) for p in args.prompt]
         kwargs = dict(max_new_tokens=args.max_new_tokens, num_steps=args.num_steps, init_scale=args.init_scale,

@@ -60,11 +60,15 @@ def project_qkv(p: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array],
     return apply_rope(q, *rope), apply_rope(k, *rope), v
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention of `q [b,q,n,d]` over `k, v [b,k,n,d]` where `mask [b,1,q,k]`; scores in fp32."""
+def attention_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled fp32 scores `[b,n,q,k]` of `q [b,q,n,d]` against `k [b,k,n,d]`, masked out where not `mask`."""
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of `q [b,q,n,d]` over `k, v [b,k,n,d]` where `mask [b,1,q,k]`."""
+    probs = jax.nn.softmax(attention_scores(q, k, mask), axis=-1).astype(v.dtype)
     return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 
 

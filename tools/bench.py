@@ -127,7 +127,7 @@ def bench_decode(args, cfg, base) -> None:
     params = load_checkpoint(args.checkpoint)[1] if args.checkpoint else init_params(cfg, jax.random.key(0))
     prompts = np.asarray(jax.random.randint(jax.random.key(1), (max(args.batches), args.seq), 0, cfg.vocab_size))
 
-    def seconds(batch: int, new: int, **kw) -> tuple[float, object]:
+    def seconds(batch: int, new: int, steps: int, **kw) -> tuple[float, object]:
         def run():
             return generate(params, prompts[:batch], cfg, max_new_tokens=new, num_steps=steps, init_scale=0.0, **kw)
         out = run()  # compile
@@ -143,8 +143,8 @@ def bench_decode(args, cfg, base) -> None:
             write_hf(params, cfg, Path(tmp) / "hf")
         for steps in args.steps:
             for batch in args.batches:
-                prefill, _ = seconds(batch, 1)
-                total, _ = seconds(batch, args.new)
+                prefill, _ = seconds(batch, 1, steps)
+                total, _ = seconds(batch, args.new, steps)
                 record = base | dict(kind="generate", num_steps=steps, batch=batch, prompt=args.seq, new=args.new,
                                      prefill_tokens_per_s=batch * args.seq / prefill,
                                      decode_tokens_per_s=batch * (args.new - 1) / (total - prefill))
@@ -154,9 +154,9 @@ def bench_decode(args, cfg, base) -> None:
                                    official_decode_tokens_per_s=theirs["decode_tokens_per_s"],
                                    official_ratio=record["decode_tokens_per_s"] / theirs["decode_tokens_per_s"])
                 emit(record)
-            prefill, _ = seconds(1, 1)
+            prefill, _ = seconds(1, 1, steps)
             for criterion in args.criteria or CRITERIA:
-                total, out = seconds(1, args.new, exit_criterion=criterion)
+                total, out = seconds(1, args.new, steps, exit_criterion=criterion)
                 emit(base | dict(kind="exit", criterion=criterion, threshold=CRITERIA[criterion].default,
                                  num_steps=steps, batch=1, prompt=args.seq, new=args.new,
                                  mean_steps_per_token=float(out.steps[0, 1:].mean()),

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocp_v1
 from etils import epath
 
+from rdlm.errors import RdlmError
 from rdlm.config import Config, ConfigError, load_config
 from rdlm.params import abstract_params
 
@@ -26,7 +27,7 @@ CONFIG_FILE = "config.yml"
 PARAMS_DIR = "params"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RdlmError, ValueError):
     """A checkpoint file or directory is missing, incomplete or inconsistent; the message names it."""
 
 

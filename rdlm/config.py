@@ -21,10 +21,12 @@ from typing import Any
 
 import yaml
 
+from rdlm.errors import RdlmError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(RdlmError, ValueError):
     """A config key, value or file is invalid; the message names it."""
 
 

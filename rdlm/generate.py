@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rdlm.errors import RdlmError
 from rdlm import model
 from rdlm.checkpoint import CONFIG_FILE, PARAMS_DIR, load_model
 from rdlm.config import Config, ModelConfig, RulesConfig, with_overrides
@@ -43,7 +44,7 @@ from rdlm.train import TrainingError, load_trained
 Params = dict[str, Any]
 
 
-class GenerateError(ValueError):
+class GenerateError(RdlmError, ValueError):
     """Bad generation input; the message names the argument and its valid range."""
 
 

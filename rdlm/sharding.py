@@ -20,11 +20,12 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from rdlm.errors import RdlmError
 from rdlm.config import MESH_AXES, ConfigError, MeshConfig, ModelConfig, RulesConfig
 from rdlm.params import get_path, param_specs, unflatten
 
 
-class ShardingError(ValueError):
+class ShardingError(RdlmError, ValueError):
     """A sharding rule cannot be applied; the message names the tensor, dimension and mesh axis."""
 
 

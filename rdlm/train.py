@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from rdlm.errors import RdlmError
 from rdlm import model
 from rdlm.checkpoint import CheckpointError, TrainCheckpointer
 from rdlm.config import Config, ConfigError, ModelConfig, dump_config, load_config, to_dict
@@ -36,7 +37,7 @@ from rdlm.tokenizer import load_tokenizer
 State = dict[str, Any]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RdlmError, RuntimeError):
     """The run cannot go on (non-finite loss, incompatible resume); the message says why."""
 
 

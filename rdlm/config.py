@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -198,6 +199,7 @@ class TrainConfig:
     recurrence: str = field(default="poisson-lognormal", metadata=_check(choices=("poisson-lognormal", "fixed")))
     param_dtype: str = field(default="float32", metadata=_check(choices=("float32", "bfloat16")))  # master weights
     nonfinite: str = field(default="stop", metadata=_check(choices=("stop", "skip")))
+    max_nonfinite_steps: int = field(default=20, metadata=_check(ge=1))  # consecutive skipped steps that end a run
     log_every: int = field(default=10, metadata=_check(ge=1))
     eval_every: int = field(default=200, metadata=_check(ge=1))
     eval_batches: int = field(default=8, metadata=_check(ge=1))
@@ -207,6 +209,7 @@ class TrainConfig:
     async_checkpoint: bool = True
     out_dir: str = "runs/train"  # config.yml, metrics.jsonl (process 0); local
     checkpoint_dir: str = ""  # default: {out_dir}/checkpoints; multi-host runs need shared storage (gs://...)
+    restart_from_scratch: bool = False  # when every checkpoint was found damaged: train from step 0 (else refuse)
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -321,6 +324,8 @@ def _check_range(value: Any, meta: dict[str, Any], key: str) -> None:
         raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
     lo = f"[{ge}" if ge is not None else f"({gt}" if gt is not None else "(-inf"
     rng = f"{lo}, {le if le is not None else 'inf'}{']' if le is not None else ')'}"
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison
+        raise ConfigError(f"{key}: {value!r} is not a finite number; valid range {rng}")
     if ((ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le)):
         raise ConfigError(f"{key}: {value!r} is out of range {rng}")
 
@@ -364,19 +369,57 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, source: str) -> None
     for i, part in enumerate(parents):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{source}: {'.'.join(parents[:i + 1])} is a value, not a section")
+            raise ConfigError(f"{source}: {'.'.join(parents[:i + 1])} is a value, not a section (override {key})")
         node = child
     node[leaf] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as users write it (the 1.2 core schema's scalars): `1e-3` is a float, only true/false are
+    booleans (`on`, `no`, `y` stay strings); tags other than the standard ones are refused."""
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT)]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_FLOAT, re.compile(
+    r"^[-+]?(?:(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+|\.(?:inf|Inf|INF))$"
+    r"|^\.(?:nan|NaN|NAN)$"), list("-+0123456789."))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`text` parsed by `_Loader`; any parser error becomes a ConfigError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {' '.join(str(e).split())}") from e
+
+
+def _field_type(key: str) -> Any:
+    """The declared type of a dotted `Config` key, or None when the key does not exist."""
+    tp: Any = Config
+    for part in key.split("."):
+        hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """`['model.n_heads=4', ...]` -> `[('model.n_heads', 4), ...]`; values are parsed as YAML scalars."""
+    """`['model.n_heads=4', ...]` -> `[('model.n_heads', 4), ...]`. Values are YAML (`_Loader`), except
+    that a key declared `str` takes the text as written (`train.out_dir=on` is the folder `on`)."""
     out = []
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        if _field_type(key) is str:
+            out.append((key, raw))
+        else:
+            out.append((key, parse_yaml(raw, f"override {key}={raw}") if raw.strip() else None))
     return out
 
 
@@ -386,6 +429,8 @@ def resolve_preset(name: str | os.PathLike) -> Path:
     if path.suffix in (".yml", ".yaml") or path.exists():
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file; pass a YAML file or a preset name")
         return path
     preset = CONFIG_DIR / f"{name}.yml"
     if not preset.exists():
@@ -402,10 +447,17 @@ def load_config(name: str | os.PathLike | None = None, overrides: list[str] = ()
         path = resolve_preset(name)
         source = str(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} cannot be read: {e}") from e
+        data = parse_yaml(text, str(path))
+        data = {} if data is None else data
     return _with(data, overrides, source)
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> Config:
+    """A validated `Config` from nested dicts (a saved config); missing keys take their defaults."""
+    return _with(data, [], source)
 
 
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -414,8 +466,11 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def _with(data: dict[str, Any], overrides: list[str], source: str) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (model:, data:, ...), "
+                          f"got {type(data).__name__}")
     for key, value in parse_overrides(list(overrides)):
-        _set_dotted(data, key, value, source="override")
+        _set_dotted(data, key, value, source=source)
     if overrides:
         source = f"{source} + overrides"
     return _build(Config, data, prefix="", source=source)

@@ -24,24 +24,31 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 
-from rdlm.checkpoint import CONFIG_FILE, PARAMS_DIR, CheckpointError, load_model, staging_dir
-from rdlm.config import Config, ConfigError, ModelConfig, dump_config
+from rdlm.checkpoint import CONFIG_FILE, PARAMS_DIR, load_model, refuse_overlap, staging_dir, write_manifest
+from rdlm.config import Config, ModelConfig, dump_config
+from rdlm.errors import cli
 from rdlm.hf import iter_hf_params, read_hf, write_hf
 from rdlm.params import count_params, unflatten
 from rdlm.tokenizer import HF_FILE, SP_FILE, TOKENIZER_FILES, load_tokenizer
 
 SAVE_BATCH_BYTES = 256 * 2**20  # small tensors are gathered up to this size per Orbax partial save
-# Uncompressed: zstd would keep a second encoded copy of each tensor in memory (and gains little on weights).
-_SAVE_OPTIONS = ocp.Context(array_options=ocp.options.ArrayOptions(
-    saving=ocp.options.ArrayOptions.Saving(use_compression=False)))
+
+
+def _save_context() -> ocp.Context:
+    """Uncompressed saving: zstd would keep a second encoded copy of each tensor in memory (and gains
+    little on weights)."""
+    context = ocp.Context()
+    context.array.saving.use_compression = False
+    return context
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, overwrite: bool = False) -> ModelConfig:
     """HF directory -> rdlm model checkpoint, tensor by tensor, with the tokenizer files it holds."""
+    refuse_overlap(src, dst)
     cfg, pairs = read_hf(src)
     if any((Path(src) / f).is_file() for f in (HF_FILE, SP_FILE)):
         load_tokenizer(src, model_vocab_size=cfg.vocab_size)  # a tokenizer that does not load or fit fails here
-    with staging_dir(Path(dst), overwrite) as tmp, _SAVE_OPTIONS:
+    with staging_dir(Path(dst), overwrite) as tmp, _save_context():
         batch: dict[tuple, np.ndarray] = {}
         for spec, x in iter_hf_params(pairs, dtype):
             if batch and sum(a.nbytes for a in batch.values()) + x.nbytes > SAVE_BATCH_BYTES:
@@ -50,6 +57,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, o
             batch[spec.path] = x
         ocp.partial.save(tmp / PARAMS_DIR, unflatten(batch))
         ocp.partial.finalize(tmp / PARAMS_DIR)
+        write_manifest(tmp)
         dump_config(Config(model=cfg), tmp / CONFIG_FILE)
         for name in TOKENIZER_FILES:
             if (Path(src) / name).is_file():
@@ -60,10 +68,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, o
 def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, overwrite: bool = False,
            max_shard_bytes: int = 5 * 2**30) -> None:
     """rdlm model checkpoint -> HF directory the official `RavenForCausalLM.from_pretrained` loads."""
+    refuse_overlap(src, dst)
     config, params = load_model(src)
     write_hf(params, config.model, dst, dtype, overwrite, max_shard_bytes)
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rdlm.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,17 +84,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="cast the weights (default: keep the stored dtype)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     args = parser.parse_args(argv)
-    try:
-        if args.export:
-            export(args.src, args.dst, args.dtype, args.overwrite)
-        else:
-            cfg = convert(args.src, args.dst, args.dtype, args.overwrite)
-            tokenizer = [f for f in TOKENIZER_FILES if (Path(args.dst) / f).is_file()]
-            print(f"converted {args.src} -> {args.dst}: {count_params(cfg):,} parameters; tokenizer files: "
-                  f"{', '.join(tokenizer) or 'none in the source (pass a tokenizer path when generating)'}")
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.export:
+        export(args.src, args.dst, args.dtype, args.overwrite)
+        print(f"exported {args.src} -> {args.dst}")
+    else:
+        cfg = convert(args.src, args.dst, args.dtype, args.overwrite)
+        tokenizer = [f for f in TOKENIZER_FILES if (Path(args.dst) / f).is_file()]
+        print(f"converted {args.src} -> {args.dst}: {count_params(cfg):,} parameters; tokenizer files: "
+              f"{', '.join(tokenizer) or 'none in the source (pass --tokenizer PATH when generating)'}")
     return 0
 
 

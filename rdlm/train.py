@@ -8,13 +8,20 @@ does, from (seed, step): a resumed run replays the same depths. The step is one 
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import functools
 import json
+import math
+import os
+import shutil
 import signal
+import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +29,10 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from rdlm.errors import RdlmError
 from rdlm import model
-from rdlm.checkpoint import CheckpointError, TrainCheckpointer
+from rdlm.checkpoint import TrainCheckpointer, load_run
 from rdlm.config import Config, ConfigError, ModelConfig, dump_config, load_config, to_dict
+from rdlm.errors import RdlmError, cli
 from rdlm.data import Batch, eval_batches, load_documents, make_dataset, split_documents
 from rdlm.flops import peak_flops, train_flops_per_token
 from rdlm.optim import lr_schedule, make_optimizer
@@ -148,7 +155,10 @@ class _Log:
         self.file = open(path, "a") if enabled else None
 
     def record(self, **row: Any) -> None:
+        """One JSON line; a NaN or inf value is written as null and its key listed under `nonfinite`."""
         if self.enabled:
+            bad = sorted(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v))
+            row = {k: None if k in bad else v for k, v in row.items()} | ({"nonfinite": bad} if bad else {})
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
 
@@ -182,39 +192,87 @@ def _check_batch(config: Config, mesh) -> None:
                           f"the {ways} devices mesh.rules.batch spreads them over")
 
 
-def _check_resume(config: Config, saved: Path) -> None:
-    """A resumed run must keep the model, data and optimizer of the run it continues."""
-    before = load_config(saved)
-    changed = [f"{section}.{key}" for section in ("model", "data", "optim")
-               for key, value in to_dict(getattr(config, section)).items()
-               if to_dict(getattr(before, section))[key] != value]
-    if changed:
-        raise TrainingError(f"{saved} was written with different settings for {', '.join(changed)}; "
-                            "resume with the same ones or choose a new train.out_dir")
+def _resolved(config: Config) -> Config:
+    """`config` with its local paths absolute, so the saved config works from any folder."""
+    local = lambda p: p if not p or "://" in p else os.path.abspath(os.path.expanduser(p))  # noqa: E731
+    data, tc = config.data, config.train
+    return dataclasses.replace(
+        config, data=dataclasses.replace(data, tokenizer=local(data.tokenizer), paths=tuple(map(local, data.paths))),
+        train=dataclasses.replace(tc, out_dir=local(tc.out_dir), checkpoint_dir=local(tc.checkpoint_dir)))
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold `out/.lock` exclusively for the run: a second run on the same folder would interleave its
+    metrics and race on deleting checkpoints. The kernel releases the lock however the process ends."""
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise TrainingError(f"train.out_dir={out} is in use by {holder}; two runs cannot share a run folder",
+                            hint="wait for that run or stop it, or choose another train.out_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def check_writable(directory: str, need_bytes: int) -> None:
+    """Refuse a run folder that cannot take a checkpoint before any step is spent: not creatable, not
+    writable, or with less free space than one checkpoint needs (local folders; gs:// is not probed)."""
+    if "://" in directory:
+        return
+    path = Path(directory)
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"rdlm")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"{directory} is not writable ({e.strerror or e}); checkpoints could not be saved",
+                            hint="choose a writable train.out_dir / train.checkpoint_dir") from e
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise TrainingError(f"{directory} has {free / 2**30:.2f} GiB free but one checkpoint needs about "
+                            f"{need_bytes / 2**30:.2f} GiB", hint="free space or choose another train.out_dir")
 
 
 def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns a summary. `should_stop(step)` can end the run early with a
-    checkpoint, as SIGTERM (preemption) does."""
+    checkpoint, as SIGTERM (preemption) does. Everything that can fail on the user's input (config, mesh,
+    tokenizer, data, an incompatible or damaged checkpoint) fails before the run folder is written to."""
+    config = _resolved(config)
     config.check_trainable()
     initialize_distributed(config.mesh)
+    check_writable(config.train.out_dir, 0)
+    if jax.process_index() == 0:
+        with run_lock(Path(config.train.out_dir)):
+            return _train(config, should_stop)
+    return _train(config, should_stop)
+
+
+def _train(config: Config, should_stop: Callable[[int], bool] | None) -> dict[str, Any]:
     tc, cfg, rules = config.train, config.model, config.mesh.rules
     out = Path(tc.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
-    if (out / "config.yml").exists():
-        _check_resume(config, out / "config.yml")
-    if lead:
-        dump_config(config, out / "config.yml")
-
     mesh = make_mesh(config.mesh)
     _check_batch(config, mesh)
     optimizer = make_optimizer(config.optim, cfg, tc.steps)
     new_state = lambda: init_state(config, optimizer)  # noqa: E731
-    state_sh = state_shardings(jax.eval_shape(new_state), optimizer, cfg, rules, mesh)
+    abstract_state = jax.eval_shape(new_state)
+    checkpoint_dir = tc.checkpoint_dir or str(out / "checkpoints")
+    check_writable(checkpoint_dir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)))
+    state_sh = state_shardings(abstract_state, optimizer, cfg, rules, mesh)
     batch_sh = batch_sharding(rules, mesh)
     step_fn = make_train_step(config, optimizer, (state_sh, batch_sh))
-    state = jax.jit(new_state, out_shardings=state_sh)()  # created sharded: never whole on one device
 
     tokenizer = load_tokenizer(None, fallback=config.data.tokenizer, model_vocab_size=cfg.vocab_size)
     train_docs, val_docs = split_documents(load_documents(config.data), config.data.val_fraction)
@@ -226,13 +284,28 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
         make_dataset(val_docs, per_host_batch=host_batch, train=False, **common), tc.eval_batches,
         rows=host_batch, seq_len=tc.seq_len)] if val_docs else []
 
-    checkpointer = TrainCheckpointer(tc.checkpoint_dir or out / "checkpoints", tc.keep_checkpoints,
-                                     tc.async_checkpoint)
-    restored = checkpointer.restore_latest(state, train_iter)
+    state = jax.jit(new_state, out_shardings=state_sh)()  # created sharded: never whole on one device
+    checkpointer = TrainCheckpointer(checkpoint_dir, tc.keep_checkpoints, tc.async_checkpoint)
+    try:
+        restored = checkpointer.restore_latest(state, train_iter, config, tc.restart_from_scratch)
+    except BaseException:
+        checkpointer.close()
+        raise
     if restored:
         step0, state = restored
-        print(f"resumed from {checkpointer.directory / str(step0)}", flush=True)
+        skipped = checkpointer.incomplete()
+        print(f"resumed from {checkpointer.directory / str(step0)}"
+              + (f" (ignored unfinished saves: {', '.join(skipped)})" if skipped else ""), flush=True)
     step = int(state["step"])
+    if step > tc.steps:
+        checkpointer.close()
+        raise TrainingError(f"the checkpoint in {checkpointer.directory} is at step {step}, past train.steps="
+                            f"{tc.steps}", hint=f"set train.steps above {step} to continue, or use a new train.out_dir")
+    if step == tc.steps:
+        print(f"nothing to do: the run is complete at step {step} = train.steps (raise train.steps to continue)",
+              flush=True)
+    if lead:
+        dump_config(config, out / "config.yml")
 
     preempted = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
@@ -240,7 +313,8 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
     log = _Log(out / "metrics.jsonl", tc.steps, lead)
     log.record(event="start", step=step, peak_flops=peak, peak_source=peak_source, config=to_dict(config))
     window = {"flops": 0.0, "tokens": 0, "time": time.time(), "skipped": 0}
-    summary: dict[str, Any] = {"start_step": step}
+    summary: dict[str, Any] = {"start_step": step, "skipped": 0}
+    nonfinite_run = 0  # consecutive skipped steps
     try:
         with activate(mesh, rules):  # activations are pinned to the rules while tracing
             while step < tc.steps:
@@ -265,6 +339,18 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
                             f"step; last checkpoints: {sorted(checkpointer.manager.all_steps())} in "
                             f"{checkpointer.directory} (train.nonfinite=skip skips such steps instead)")
                     window["skipped"] += 1
+                    summary["skipped"] += 1
+                    nonfinite_run += 1
+                    if nonfinite_run >= tc.max_nonfinite_steps:
+                        checkpointer.save(step, state, train_iter, to_dict(config))
+                        checkpointer.wait()
+                        raise TrainingError(
+                            f"{nonfinite_run} consecutive steps up to step {step} had a non-finite loss or gradient "
+                            f"and were skipped (train.max_nonfinite_steps={tc.max_nonfinite_steps}); the unchanged "
+                            f"parameters were saved at step {step} in {checkpointer.directory}",
+                            hint="lower optim.lr, check the data, or raise train.max_nonfinite_steps")
+                else:
+                    nonfinite_run = 0
                 if step % tc.log_every == 0 or step == tc.steps:
                     elapsed = time.time() - window["time"]
                     row = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
@@ -272,7 +358,8 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
                            "mfu": window["flops"] / elapsed / peak, "skipped": window["skipped"]}
                     log.record(**row)
                     log.line(step, f"loss {row['loss']:.4f} | depth {n}+{k} | {row['tokens_per_s']:,.0f} tok/s | "
-                                   f"MFU {100 * row['mfu']:.1f}% | lr {row['lr']:.2e}")
+                                   f"MFU {100 * row['mfu']:.1f}% | lr {row['lr']:.2e}"
+                                   + (f" | skipped {row['skipped']} non-finite" if row["skipped"] else ""))
                     window = {"flops": 0.0, "tokens": 0, "time": time.time(), "skipped": 0}
                     summary["loss"] = row["loss"]
                 if val_set and (step % tc.eval_every == 0 or step == tc.steps):
@@ -299,37 +386,16 @@ def train(config: Config, should_stop: Callable[[int], bool] | None = None) -> d
 
 def load_trained(run_dir: str | Path) -> tuple[Config, dict[str, Any], int]:
     """(config, params, step) of the newest readable checkpoint of a training run folder."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yml").is_file():
-        raise TrainingError(f"{run_dir} is not a training run folder (no config.yml)")
-    config = load_config(run_dir / "config.yml")
-    optimizer = make_optimizer(config.optim, config.model, config.train.steps)
-    template = jax.eval_shape(lambda: init_state(config, optimizer))
-    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_single_device()), template)
-    checkpointer = TrainCheckpointer(config.train.checkpoint_dir or run_dir / "checkpoints",
-                                     config.train.keep_checkpoints, async_save=False)
-    restored = checkpointer.restore_latest(template)
-    checkpointer.close()
-    if restored is None:
-        raise TrainingError(f"no readable checkpoint in {checkpointer.directory}")
-    step, state = restored
-    return config, state["params"], step
+    return load_run(run_dir)
 
 
-def _single_device() -> jax.sharding.Sharding:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-
+@cli
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    try:
-        train(load_config(argv[0], argv[1:]))
-    except (ConfigError, TrainingError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    train(load_config(argv[0], argv[1:]))
     return 0
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import rdlm.train as train_mod
+from rdlm.checkpoint import CheckpointError
 from rdlm.config import load_config
 from rdlm.train import TrainingError, load_trained, train
 
@@ -85,7 +86,8 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(train_overrides, capsy
 
 def test_resume_with_other_model_is_refused(train_overrides):
     train(config(train_overrides, "train.steps=1"))
-    with pytest.raises(TrainingError, match="different settings for model.n_embd, optim.lr"):
+    with pytest.raises(CheckpointError, match=r"different settings: model.n_embd \(32 in the checkpoint, 64 now\); "
+                                              r"optim.lr \(0.001 in the checkpoint, 0.5 now\)"):
         train(config(train_overrides, "train.steps=2", "model.n_embd=64", "optim.lr=0.5"))
 
 

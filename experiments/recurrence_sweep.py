@@ -22,10 +22,13 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from rdlm.checkpoint import load_run  # noqa: E402
 from rdlm.data import eval_batches, load_documents, make_dataset, split_documents  # noqa: E402
 from rdlm.generate import generate  # noqa: E402
 from rdlm.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from rdlm.train import evaluate, load_trained  # noqa: E402
+from rdlm.config import ConfigError  # noqa: E402
+from rdlm.errors import cli  # noqa: E402
+from rdlm.train import evaluate  # noqa: E402
 
 
 def sample(params, tokenizer: Tokenizer, prompt: str, cfg, num_steps: int, length: int, seed: int = 0) -> str:
@@ -56,7 +59,19 @@ def plot(results: dict[int, float], mean_recurrence: int, path: Path) -> None:
     fig.savefig(path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _recurrences(text: str) -> tuple[int, ...]:
+    """`--recurrence 1,2,4` -> (1, 2, 4); each a count >= 1."""
+    try:
+        values = tuple(int(r) for r in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ConfigError(f"--recurrence {text!r}: expected comma-separated integers >= 1, e.g. 1,2,4,8")
+    return values
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", nargs="?", default=str(REPO / "runs/demo"))
     parser.add_argument("--recurrence", default="1,2,4,8,16,32,64")
@@ -66,14 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     run = Path(args.run_dir)
-    config, params, step = load_trained(run)
+    recurrences = _recurrences(args.recurrence)
+    config, params, step = load_run(run)
     cfg, tc = config.model, config.train
     tokenizer = load_tokenizer(None, fallback=config.data.tokenizer, model_vocab_size=cfg.vocab_size)
     _, val_docs = split_documents(load_documents(config.data), config.data.val_fraction)
     batches = [jax.tree.map(jnp.asarray, b) for b in eval_batches(
         make_dataset(val_docs, tokenizer, config.data, seq_len=tc.seq_len, per_host_batch=tc.batch_size, train=False),
         args.batches)]
-    recurrences = tuple(int(r) for r in args.recurrence.split(","))
     results = evaluate(params, batches, recurrences, cfg)
 
     tokens = sum(int(b["loss_mask"].sum()) for b in batches)
@@ -87,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwrote {run / 'recurrence_sweep.png'} and {run / 'recurrence_sweep.json'}")
     text = sample(params, tokenizer, args.prompt, cfg, cfg.mean_recurrence, args.sample_tokens)
     print(f"\nsample at recurrence {cfg.mean_recurrence}:\n{text}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

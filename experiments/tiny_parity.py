@@ -22,10 +22,12 @@ import jax.numpy as jnp  # noqa: E402
 
 import rdlm  # noqa: E402
 from rdlm.convert import convert  # noqa: E402
+from rdlm.errors import cli  # noqa: E402
 from rdlm.params import count_params  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
+@cli
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", default=str(REPO / "tests/fixtures/tiny_fp32"))
     parser.add_argument("--out", default=str(REPO / "runs/tiny_fp32"))
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         change = f"{np.linalg.norm(logits - previous) / np.linalg.norm(logits):.3f}" if previous is not None else "-"
         print(f"{steps:>9}  {rel:>18}  {agree:>12}  {change:>18}  {logits[0].argmax(-1).tolist()}")
         previous = logits
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,7 +26,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 
 from rdlm.checkpoint import CONFIG_FILE, PARAMS_DIR, load_model, refuse_overlap, staging_dir, write_manifest
 from rdlm.config import Config, ModelConfig, dump_config
-from rdlm.errors import cli
+from rdlm.errors import ArgumentParser, cli
 from rdlm.hf import iter_hf_params, read_hf, write_hf
 from rdlm.params import count_params, unflatten
 from rdlm.tokenizer import HF_FILE, SP_FILE, TOKENIZER_FILES, load_tokenizer
@@ -75,7 +75,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, ov
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rdlm.convert", description=__doc__,
+    parser = ArgumentParser(prog="python -m rdlm.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src")
     parser.add_argument("dst")

@@ -42,34 +42,93 @@ def shakespeare_files() -> list[Path]:
 
 
 def _expand(patterns: tuple, source: str) -> list[Path]:
+    """The files `data.paths` matches, sorted; a pattern list that matches nothing, or a directory, is an error."""
     if not patterns:
         raise ConfigError(f"data.paths is empty; data.source={source} needs file paths or glob patterns")
     files = sorted({Path(f) for p in patterns for f in glob.glob(str(p))})
     if not files:
         raise ConfigError(f"data.paths={list(patterns)} matches no file")
+    dirs = [f for f in files if f.is_dir()]
+    if dirs:
+        raise ConfigError(f"data.paths={list(patterns)} matches the directory {dirs[0]}; data.source={source} reads "
+                          f"files: name them, e.g. {dirs[0] / '*'}")
     return files
 
 
+def _origin(cfg: DataConfig) -> str:
+    """Where the documents come from, for messages."""
+    return f"data.source={cfg.source}" + (f" data.paths={list(cfg.paths)}" if cfg.source != "shakespeare" else "")
+
+
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+
+
+def _read_text(f: Path, source: str) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{f}: {_not_utf8(e)}; data.source={source} reads UTF-8 text files") from e
+
+
+def _jsonl_documents(f: Path, key: str) -> list[str]:
+    docs = []
+    for n, line in enumerate(_read_text(f, "jsonl").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)[key]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{f}:{n}: not a JSON object with a {key!r} field ({e})") from e
+        if not isinstance(doc, str):
+            raise ConfigError(f"{f}:{n}: field {key!r} is a {type(doc).__name__}, not a string (data.jsonl_key)")
+        docs.append(doc)
+    return docs
+
+
+def _array_record_documents(f: Path) -> list[str]:
+    f.open("rb").close()  # an unreadable file fails here, as an OSError, not as a corrupt ArrayRecord
+    try:
+        source = grain.sources.ArrayRecordDataSource([str(f)])
+        records = [source[i] for i in range(len(source))]
+    except RuntimeError as e:  # array_record raises RuntimeError for anything it cannot parse
+        raise ConfigError(f"{f}: not an ArrayRecord file ({e}); data.source=array_record reads files written by "
+                          "array_record's ArrayRecordWriter, one UTF-8 document per record") from e
+    docs = []
+    for n, record in enumerate(records):
+        try:
+            docs.append(record.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{f}: record {n} is {_not_utf8(e)}; data.source=array_record reads UTF-8 "
+                              "documents") from e
+    return docs
+
+
 def load_documents(cfg: DataConfig) -> list[str]:
-    """All documents of the configured source, in a fixed order."""
-    if cfg.source == "shakespeare":
-        return [f.read_text(encoding="utf-8") for f in shakespeare_files()]
-    files = _expand(cfg.paths, cfg.source)
-    if cfg.source == "text":
-        return [f.read_text(encoding="utf-8") for f in files]
-    if cfg.source == "jsonl":
-        docs = []
-        for f in files:
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    docs.append(json.loads(line)[cfg.jsonl_key])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ConfigError(f"{f}:{n}: not a JSON object with a {cfg.jsonl_key!r} field ({e})") from e
-        return docs
-    source = grain.sources.ArrayRecordDataSource([str(f) for f in files])
-    return [source[i].decode("utf-8") for i in range(len(source))]
+    """All documents of the configured source, in a fixed order.
+
+    Refuses, naming the files, what would train on nothing: files that cannot be read or parsed, no
+    documents, only empty ones, or an empty training split (one document, held out by data.val_fraction)."""
+    files = shakespeare_files() if cfg.source == "shakespeare" else _expand(cfg.paths, cfg.source)
+    readers = {"jsonl": partial(_jsonl_documents, key=cfg.jsonl_key), "array_record": _array_record_documents}
+    read = readers.get(cfg.source, lambda f: [_read_text(f, cfg.source)])  # text, shakespeare: a file a document
+    docs: list[str] = []
+    for f in files:
+        try:
+            docs += read(f)
+        except OSError as e:
+            raise ConfigError(f"{f}: cannot read ({e.strerror or e}); {_origin(cfg)}") from e
+    named = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    if not docs:
+        raise ConfigError(f"{_origin(cfg)} holds no documents ({named})")
+    if not any(d.strip() for d in docs):
+        raise ConfigError(f"{_origin(cfg)}: all {len(docs)} documents are empty ({named}); training would see only "
+                          "bos/eos tokens")
+    if not split_documents(docs, cfg.val_fraction)[0]:
+        raise ConfigError(f"the training split is empty: {_origin(cfg)} holds only {len(docs)} document, which "
+                          f"data.val_fraction={cfg.val_fraction} holds out for validation; add documents or set "
+                          "data.val_fraction=0")
+    return docs
 
 
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
@@ -111,7 +170,11 @@ def make_dataset(docs: list[str], tokenizer: Tokenizer, cfg: DataConfig, *, seq_
                  train: bool, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Batches of packed rows `[per_host_batch, seq_len]` for this host (one infinite stream when `train`)."""
     if not docs:
-        raise ConfigError("no documents for this split (data.val_fraction=0 leaves no validation set)")
+        split = "training" if train else "validation"
+        fix = ("set data.val_fraction above 0 to hold documents out" if not train and cfg.val_fraction == 0
+               else "add documents or change data.val_fraction")
+        raise ConfigError(f"no documents for the {split} split of {_origin(cfg)} (data.val_fraction="
+                          f"{cfg.val_fraction}); {fix}")
     ds = grain.MapDataset.source(docs)
     if train:
         ds = ds.shuffle(seed=cfg.seed).repeat(None)

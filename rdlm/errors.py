@@ -6,9 +6,10 @@ so a CLI prints it as one line, `error: ...`, plus an optional `hint: ...`, and 
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 
 class RdlmError(Exception):
@@ -40,3 +41,15 @@ def cli(main: Callable[..., int | None]) -> Callable[..., int]:
         return 1
 
     return guarded
+
+
+class UsageError(RdlmError):
+    """A command-line argument is missing or invalid."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors raised as UsageError: under `cli`, one `error:` line and exit 1, as for
+    every other error (argparse itself prints the usage block and exits 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, hint=f"{self.prog} --help lists the arguments")

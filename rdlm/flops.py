@@ -3,14 +3,25 @@
 Convention (PaLM, MaxText): 2 FLOPs per multiply-add of every matmul, attention counted without the
 causal discount. A forward pass at recurrence r runs the prelude and coda once and the adapter and
 core block r times.
+
+The peak of a CPU is measured, and a measurement on a loaded machine is low (MFU figures above 100%),
+so the best figure ever measured on a host (name, device kind, cores) is kept in
+`${XDG_CACHE_HOME:-~/.cache}/rdlm/peak_flops.json` and used when higher; `RDLM_PEAK_FLOPS=x` sets the
+peak FLOP/s of the run outright, on any device.
 """
 
+import json
+import os
+import socket
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from rdlm.config import ModelConfig
+from rdlm.config import ConfigError, ModelConfig
+
+PEAK_ENV = "RDLM_PEAK_FLOPS"
 
 
 def block_flops_per_token(cfg: ModelConfig, seq: int) -> float:
@@ -42,7 +53,8 @@ _PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU 
 
 
 def measured_matmul_flops(n: int = 2048, iters: int = 5) -> float:
-    """fp32 matmul FLOP/s of the default device, measured (the MFU denominator on CPU)."""
+    """fp32 matmul FLOP/s of the default device, measured (the MFU denominator on CPU): the fastest of
+    `iters` runs after a warm-up (compilation) run."""
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -54,11 +66,50 @@ def measured_matmul_flops(n: int = 2048, iters: int = 5) -> float:
     return 2 * n**3 / best
 
 
+def peak_cache_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "rdlm" / "peak_flops.json"
+
+
+def best_measured(kind: str, measured: float) -> float:
+    """The higher of `measured` and the best figure cached for this host, device kind and core count; a
+    new best is written back. A cache that cannot be read or written only costs the cached figure."""
+    path = peak_cache_file()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    host = f"{socket.gethostname()} {kind} {cores} cores"
+    try:
+        cache = json.loads(path.read_text())
+        cached = float(cache[host]) if isinstance(cache, dict) and host in cache else 0.0
+    except (OSError, ValueError, TypeError):  # absent, unreadable or not ours: start a new one
+        cache, cached = {}, 0.0
+    if measured <= cached:
+        return cached
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # whole or not at all, as runs may race
+        tmp.write_text(json.dumps({**cache, host: measured}, indent=1) + "\n")
+        tmp.replace(path)
+    except OSError:
+        pass
+    return measured
+
+
 def peak_flops() -> tuple[float, str]:
-    """(FLOP/s of all devices of the run, how it was found): vendor peak for known TPUs/GPUs, else measured
-    (one CPU host)."""
+    """(FLOP/s of all devices of the run, how it was found): RDLM_PEAK_FLOPS when set, the vendor peak
+    for known TPUs/GPUs, else the fp32 matmul peak measured on this CPU host (or the best earlier one)."""
+    if value := os.environ.get(PEAK_ENV):  # set and not empty
+        try:
+            peak = float(value)
+        except ValueError:
+            peak = 0.0
+        if not 0 < peak < float("inf"):
+            raise ConfigError(f"{PEAK_ENV}={value!r} is not a positive number of FLOP/s (e.g. 2.5e11); unset it to "
+                              "use the vendor peak or a measurement")
+        return peak, PEAK_ENV
     kind = jax.devices()[0].device_kind
     for prefix, per_chip in _PEAK_FLOPS.items():
         if kind.startswith(prefix):
             return per_chip * jax.device_count(), f"{kind} bf16 peak"
-    return measured_matmul_flops(), f"measured fp32 matmul on {kind}"
+    measured = measured_matmul_flops()
+    best = best_measured(kind, measured)
+    source = f"measured fp32 matmul on {kind}"
+    return best, source if best == measured else f"{source} (best on this host, {peak_cache_file()})"

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -136,17 +139,49 @@ class SentencePieceTokenizer(Tokenizer):
         return "".join(text) + self.sp.decode(run)
 
 
+# The fewest pieces a model of train_tokenizer can have: 256 byte-fallback pieces and pad, unk, bos, eos
+# (sentencepiece adds one piece per distinct character of the text on top).
+MIN_SP_VOCAB = 256 + 4
+
+
+def _documents(n: int) -> str:
+    return f"{n} document{'s' if n != 1 else ''}"
+
+
+def _training_failure(e: RuntimeError, vocab_size: int, docs: int) -> str:
+    """sentencepiece's internal check failure, said in terms of the vocab size and the text."""
+    text = _documents(docs)
+    if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e)):
+        return (f"vocab size {vocab_size} is too small for the text of {text}: it needs at least {m[1]} pieces "
+                f"({MIN_SP_VOCAB} byte and special pieces + one per distinct character)")
+    if m := re.search(r"value <= (\d+)", str(e)):
+        return (f"too little text for {vocab_size} pieces: the text of {text} supports at most {m[1]}; add text "
+                "or lower the vocab size")
+    return f"too little text for {vocab_size} pieces: {text} (sentencepiece: {e})"
+
+
 def train_tokenizer(docs: list[str], model_prefix: str | Path, vocab_size: int) -> Path:
-    """A sentencepiece BPE model with byte fallback; ids: pad 0, unk 1, bos 2, eos 3.
+    """A sentencepiece BPE model with byte fallback; ids: pad 0, unk 1, bos 2, eos 3. Writes
+    MODEL_PREFIX.model and .vocab, only once training succeeded (it runs in a temporary directory).
 
     Text is kept as is (identity normalisation, whitespace preserved); newlines, never inside a
     training line, are encoded by byte fallback."""
-    Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(line for d in docs for line in d.splitlines() if line.strip()),
-        model_prefix=str(model_prefix), vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, num_threads=2,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    if vocab_size < MIN_SP_VOCAB:
+        raise ConfigError(f"vocab size {vocab_size} is below {MIN_SP_VOCAB} (256 byte pieces + pad, unk, bos, eos)")
+    lines = [line for d in docs for line in d.splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"no text to train a tokenizer on: {_documents(len(docs))}, none with a non-blank line")
+    with tempfile.TemporaryDirectory(prefix="rdlm-tokenizer-") as tmp:
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines), model_prefix=f"{tmp}/sp", vocab_size=vocab_size, model_type="bpe",
+                byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3, character_coverage=1.0, num_threads=2,
+                normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+        except RuntimeError as e:  # sentencepiece's internal checks: too little text for vocab_size, ...
+            raise ConfigError(_training_failure(e, vocab_size, len(docs))) from e
+        Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
+        for suffix in (".model", ".vocab"):
+            shutil.move(f"{tmp}/sp{suffix}", f"{model_prefix}{suffix}")
     return Path(f"{model_prefix}.model")
 
 
@@ -207,7 +242,9 @@ class HFTokenizer(Tokenizer):
             self.tok = tokenizers.Tokenizer.from_file(str(self.source))
         except Exception as e:  # tokenizers raises plain Exception for unreadable or malformed files
             raise ConfigError(f"{self.source}: cannot load an HF tokenizer ({e})") from e
-        self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
+        self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        if not self.vocab_size:
+            raise ConfigError(f"{self.source}: the tokenizer has an empty vocabulary")
         config_file = self.source.parent / HF_CONFIG_FILE
         config = _read_json(config_file)
         specials = config | _read_json(self.source.parent / HF_SPECIAL_FILE)
@@ -220,7 +257,10 @@ class HFTokenizer(Tokenizer):
         self._set_stop_ids()
         template_file = self.source.parent / HF_TEMPLATE_FILE
         if template_file.is_file():
-            self.chat_template, where = template_file.read_text(encoding="utf-8"), template_file
+            try:
+                self.chat_template, where = template_file.read_text(encoding="utf-8"), template_file
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{template_file}: not UTF-8 text ({e})") from e
         else:
             self.chat_template, where = self._config_template(config, config_file), config_file
         if self.chat_template is not None:
@@ -302,9 +342,10 @@ def load_tokenizer(checkpoint_dir: str | os.PathLike | None, *, path: str | os.P
         tok = _open(fallback, "data.tokenizer")
     else:
         looked = f"{HF_FILE} or {SP_FILE} in {checkpoint_dir}, then " if checkpoint_dir is not None else ""
-        raise ConfigError(f"no tokenizer found: looked for {looked}data.tokenizer (not set); pass a tokenizer path "
-                          f"(a sentencepiece .model file, an HF {HF_FILE} or a directory holding one) or set "
-                          "data.tokenizer=FILE.model (tools/train_tokenizer.py trains one)")
+        fix = "pass --tokenizer PATH (" if checkpoint_dir is not None else "set data.tokenizer=PATH ("
+        raise ConfigError(f"no tokenizer found: looked for {looked}data.tokenizer (not set); {fix}a sentencepiece "
+                          f".model file, an HF {HF_FILE} or a directory holding one; tools/train_tokenizer.py trains "
+                          "a .model)")
     if tok.vocab_size > model_vocab_size:
         raise ConfigError(f"tokenizer {tok.source} has {tok.vocab_size} token ids but the model has "
                           f"model.vocab_size={model_vocab_size} embedding rows")

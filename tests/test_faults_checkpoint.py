@@ -84,10 +84,10 @@ def test_existing_destination_and_unwritable_destination(tmp_path, capsys, conve
                      keep=(tmp_path,))
 
 
-def test_bad_dtype_flag_is_named(capsys, tmp_path):
-    with pytest.raises(SystemExit) as exit_:
-        convert_main([str(TINY), str(tmp_path / "x"), "--dtype", "float16"])
-    assert exit_.value.code == 2 and "--dtype" in capsys.readouterr().err and not (tmp_path / "x").exists()
+@pytest.mark.parametrize("args,needle", [(["--dtype", "float16"], "--dtype"), ([], "dst"), (["--bogus"], "--bogus")])
+def test_bad_arguments_are_named(args, needle, capsys, tmp_path):
+    fails_in_process(convert_main, [str(TINY), *([str(tmp_path / "x")] if args else []), *args], capsys, needle,
+                     keep=(tmp_path,))
 
 
 def _damage(kind: str, ck: Path) -> None:

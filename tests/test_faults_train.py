@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from faultlib import ENV, fails_in_process, snapshot
+from faultlib import ENV, fails_in_process
 
 import rdlm.train as train_mod
-from rdlm.checkpoint import CheckpointError, load_run
+from rdlm.checkpoint import load_run
 from rdlm.config import load_config
 from rdlm.train import TrainingError, main as train_main, run_lock, train
 

@@ -162,7 +162,7 @@ def test_load_tokenizer_errors_say_what_was_looked_for(tmp_path, tokenizer_path)
         load_tokenizer(tmp_path, model_vocab_size=512, fallback="")
     msg = str(err.value)
     assert f"looked for tokenizer.json or tokenizer.model in {tmp_path}, then data.tokenizer (not set)" in msg
-    assert "tools/train_tokenizer.py" in msg and "pass a tokenizer path" in msg
+    assert "tools/train_tokenizer.py" in msg and "pass --tokenizer PATH" in msg
     with pytest.raises(ConfigError, match=r"^no tokenizer found: looked for data.tokenizer \(not set\)"):
         load_tokenizer(None, model_vocab_size=512)
     with pytest.raises(ConfigError, match=r"tokenizer path='.*nowhere.model' is not a file"):
@@ -182,3 +182,14 @@ def test_vocab_larger_than_the_model_is_an_error(tokenizer_path):
         load_tokenizer(None, fallback=tokenizer_path, model_vocab_size=256)
     assert load_tokenizer(HF_DIR, model_vocab_size=256).vocab_size == 256
     assert issubclass(ConfigError, ValueError)
+
+
+def test_train_tokenizer_refuses_what_sentencepiece_cannot_train(tmp_path):
+    """Checked before sentencepiece runs (it would stop in an internal check); nothing is written."""
+    from rdlm.tokenizer import train_tokenizer
+
+    with pytest.raises(ConfigError, match=r"vocab size 100 is below 260 \(256 byte pieces \+ pad, unk, bos, eos\)"):
+        train_tokenizer(["To be."], tmp_path / "sp", 100)
+    with pytest.raises(ConfigError, match=r"no text to train a tokenizer on: 2 documents, none with a non-blank line"):
+        train_tokenizer(["\n", " "], tmp_path / "sp", 300)
+    assert not list(tmp_path.iterdir())

@@ -43,3 +43,11 @@ def test_run_copy_delete():
     assert dry("delete", "--name", "r1", "--zone", "z") == ["gcloud compute tpus tpu-vm delete r1 --zone=z --quiet"]
     assert dry("delete", "--name", "r2", "--zone", "z", "--queued") == [
         "gcloud compute tpus queued-resources delete r2 --zone=z --force --quiet"]
+
+
+def test_missing_gcloud_is_named(tmp_path):
+    """Without --dry-run and without the Google Cloud CLI: one error line, no traceback."""
+    out = subprocess.run([sys.executable, "tools/tpu/tpu.py", "delete", "--name", "r1", "--zone", "z"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60, env={"PATH": str(tmp_path)})
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: gcloud is not installed") and "--dry-run" in out.stderr

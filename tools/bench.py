@@ -46,21 +46,38 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from safetensors.numpy import save_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-if "--devices" in sys.argv:  # virtual CPU devices for `memory`: must be set before jax is imported
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
-                               + sys.argv[sys.argv.index("--devices") + 1])
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count="
+
+
+def virtual_devices(argv: list[str]) -> int | None:
+    """The value of `--devices N` or `--devices=N` (the last one) when it is a positive integer; anything
+    else is left to argparse, which names the flag and the valid range."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "--devices":
+            value = argv[i + 1] if i + 1 < len(argv) else None
+        elif arg.startswith("--devices="):
+            value = arg.partition("=")[2]
+    return int(value) if value and value.isdecimal() and int(value) > 0 else None
+
+
+if _devices := virtual_devices(sys.argv[1:]):  # virtual CPU devices for `memory`: set before jax is imported
+    os.environ["XLA_FLAGS"] = " ".join([f for f in os.environ.get("XLA_FLAGS", "").split()
+                                        if not f.startswith(DEVICE_COUNT_FLAG)] + [f"{DEVICE_COUNT_FLAG}{_devices}"])
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from rdlm import model  # noqa: E402
-from rdlm.config import load_config  # noqa: E402
+from rdlm.config import ConfigError, load_config  # noqa: E402
+from rdlm.errors import ArgumentParser, cli  # noqa: E402
 from rdlm.hf import INDEX_FILE, write_hf  # noqa: E402
 from rdlm.flops import forward_flops_per_token, peak_flops  # noqa: E402
 from rdlm.optim import make_optimizer  # noqa: E402
@@ -117,6 +134,9 @@ def bench_forward(args, cfg, base) -> None:
 def bench_decode(args, cfg, base) -> None:
     from rdlm.generate import CRITERIA, STRATEGIES, cache_bytes, generate, load_checkpoint
 
+    unknown = [c for c in args.criteria or () if c not in CRITERIA]
+    if unknown:
+        raise ConfigError(f"--criteria: unknown {', '.join(unknown)}; valid: {', '.join(CRITERIA)}")
     length = args.seq + args.new
     for strategy in [s.replace("<n>", str(cfg.n_layers_in_recurrent_block)) for s in STRATEGIES]:
         for steps in args.steps:
@@ -230,6 +250,9 @@ def bench_memory(args, cfg, base, config) -> None:
             return
     else:
         devices = jax.devices()
+        if args.devices and len(devices) != args.devices:  # e.g. a GPU backend: the flag makes CPU devices only
+            raise ConfigError(f"--devices {args.devices}: jax runs on {len(devices)} {jax.default_backend()} "
+                              "device(s); virtual devices are CPU ones, made when bench.py starts (JAX_PLATFORMS=cpu)")
     report = describe(cfg, config.mesh, len(devices))
     if args.specs:
         Path(args.specs).write_text(json.dumps(report, indent=1) + "\n")
@@ -319,18 +342,46 @@ def bench_convert(args, cfg, base) -> None:
                          synth_s=made, seconds=seconds, peak_rss_bytes=peak, peak_rss_gib=peak / 2**30))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {low}")
+        return value
+    return parse
+
+
+def list_of(item: Callable[[str], int]) -> Callable[[str], list[int]]:
+    """argparse type: a comma-separated list of `item`s."""
+    def parse(text: str) -> list[int]:
+        return [item(x) for x in text.split(",")]
+    return parse
+
+
+def directory(text: str) -> str:
+    """argparse type: an existing directory."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing directory")
+    return text
+
+
+@cli
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     allow_abbrev=False)  # --dev 8 would escape the --devices read before jax starts
     parser.add_argument("bench", choices=["forward", "train", "memory", "convert", "decode"])
     parser.add_argument("config", help="preset name or YAML path")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=[4, 64])
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--new", type=int, default=32, help="decode: new tokens per prompt")
-    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8],
-                        help="decode: batch sizes")
+    parser.add_argument("--batch", type=at_least(1), default=8)
+    parser.add_argument("--seq", type=at_least(1), default=32)
+    parser.add_argument("--steps", type=list_of(at_least(1)), default=[4, 64])
+    parser.add_argument("--iters", type=at_least(1), default=5)
+    parser.add_argument("--new", type=at_least(2), default=32, help="decode: new tokens per prompt")
+    parser.add_argument("--batches", type=list_of(at_least(1)), default=[1, 8], help="decode: batch sizes")
     parser.add_argument("--checkpoint", default=None, help="decode: weights to load instead of random ones")
     parser.add_argument("--cache-only", action="store_true", help="decode: only the cache bytes per strategy")
     parser.add_argument("--criteria", type=lambda s: s.split(","), default=None,
@@ -338,9 +389,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--official-python", help="python with torch + transformers for the official code")
     parser.add_argument("--official-script", help="scratch script running the official forward (outside the repo)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--workdir", default=None, help="where the synthetic checkpoint is written (default: tmp)")
-    parser.add_argument("--devices", type=int, default=None, help="memory: virtual CPU devices (read before jax starts)")
+    parser.add_argument("--shards", type=at_least(1), default=4)
+    parser.add_argument("--workdir", type=directory, default=None,
+                        help="where the synthetic checkpoint is written (default: tmp)")
+    parser.add_argument("--devices", type=at_least(1), default=None,
+                        help="memory: virtual CPU devices (read before jax starts)")
     parser.add_argument("--specs", default=None, help="memory: write every parameter's sharding spec (JSON) here")
     parser.add_argument("--topology", default=None,
                         help="memory: compile ahead of time for this TPU topology (e.g. v5e:2x4; needs libtpu)")
@@ -349,13 +402,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--official-python and --official-script go together")
     config = load_config(args.config, args.overrides)
     cfg = config.model
+    longest = args.seq + args.new if args.bench == "decode" else args.seq
+    if args.bench != "convert" and longest > cfg.block_size:
+        what = f"--seq {args.seq} + --new {args.new} = {longest}" if args.bench == "decode" else f"--seq {args.seq}"
+        raise ConfigError(f"{what} exceeds model.block_size={cfg.block_size}, the longest sequence the model takes")
     base = dict(bench=args.bench, config=args.config, overrides=args.overrides, backend=jax.default_backend())
     if args.bench == "memory":
         bench_memory(args, cfg, base, config)
     else:
         {"forward": bench_forward, "train": bench_train, "convert": bench_convert,
          "decode": bench_decode}[args.bench](args, cfg, base)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

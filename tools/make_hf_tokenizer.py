@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rdlm.data import shakespeare_files  # noqa: E402
+from rdlm.errors import cli  # noqa: E402
 
 SPECIAL = ["<|begin_text|>", "<|end_text|>", "<|begin_header|>", "<|end_header|>", "<|end_turn|>", "<|pad|>"]
 CHAT_TEMPLATE = (
@@ -40,7 +41,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def main(argv: list[str] | None = None) -> None:
+@cli
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "tests/fixtures/hf_tokenizer"))
     args = parser.parse_args(argv)
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
               "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     print(f"wrote {out}/tokenizer.json ({tok.get_vocab_size()} ids) and tokenizer_config.json")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

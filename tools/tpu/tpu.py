@@ -113,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(shlex.join(cmd))
             continue
-        status = subprocess.run(cmd).returncode
+        try:
+            status = subprocess.run(cmd).returncode
+        except FileNotFoundError:
+            print(f"error: {cmd[0]} is not installed or not on PATH (install the Google Cloud CLI, or pass --dry-run "
+                  "to print the commands)", file=sys.stderr)
+            return 1
         if status:
             print(f"error: command failed with status {status}: {shlex.join(cmd)}", file=sys.stderr)
             return status

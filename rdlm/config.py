@@ -426,13 +426,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def resolve_preset(name: str | os.PathLike) -> Path:
     """A YAML path, or a preset name from `configs/` (`tiny` -> configs/tiny.yml)."""
     path = Path(name)
-    if path.suffix in (".yml", ".yaml") or path.exists():
+    preset = CONFIG_DIR / f"{name}.yml"
+    if path.suffix in (".yml", ".yaml") or path.is_file() or (path.exists() and not preset.is_file()):
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         if not path.is_file():
             raise ConfigError(f"config file {path} is not a file; pass a YAML file or a preset name")
         return path
-    preset = CONFIG_DIR / f"{name}.yml"
     if not preset.exists():
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.yml"))
         raise ConfigError(f"unknown preset {str(name)!r}; presets in {CONFIG_DIR}: {', '.join(names)}")

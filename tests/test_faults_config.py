@@ -111,3 +111,9 @@ def test_mesh_that_does_not_fit_the_devices(overrides, needles, train_overrides,
     run = tmp_path / "meshrun"
     fails_in_process(train_main, ["tiny", *train_overrides, *overrides, f"train.out_dir={run}"], capsys, *needles)
     assert not (run / "config.yml").exists() and not list((run / "checkpoints").glob("*"))
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # e.g. a run folder called demo
+    assert load_config("demo").model.n_embd == 128

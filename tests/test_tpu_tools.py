@@ -24,7 +24,7 @@ def test_create_direct_and_queued():
 
 def test_install_on_all_workers():
     archive, copy, extract, setup = dry("install", "--name", "r1", "--zone", "z")
-    assert archive == "git -C . archive --format=tar.gz -o /tmp/rdlm-src.tar.gz HEAD"
+    assert archive == f"git -C {REPO.resolve()} archive --format=tar.gz -o /tmp/rdlm-src.tar.gz HEAD"
     assert copy == "gcloud compute tpus tpu-vm scp --zone=z --worker=all /tmp/rdlm-src.tar.gz r1:/tmp/"
     assert extract.endswith("'--command=rm -rf ~/rdlm && mkdir ~/rdlm && tar xzf /tmp/rdlm-src.tar.gz -C ~/rdlm'")
     assert setup.startswith("gcloud compute tpus tpu-vm ssh r1 --zone=z --worker=all '--command=cd ~/rdlm && ")

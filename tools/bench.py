@@ -137,6 +137,10 @@ def bench_decode(args, cfg, base) -> None:
     unknown = [c for c in args.criteria or () if c not in CRITERIA]
     if unknown:
         raise ConfigError(f"--criteria: unknown {', '.join(unknown)}; valid: {', '.join(CRITERIA)}")
+    params = None
+    if args.checkpoint and not args.cache_only:  # the checkpoint's own shapes; overrides may change compute only
+        config, params = load_checkpoint(args.checkpoint, base["overrides"])
+        cfg = config.model
     length = args.seq + args.new
     for strategy in [s.replace("<n>", str(cfg.n_layers_in_recurrent_block)) for s in STRATEGIES]:
         for steps in args.steps:
@@ -144,7 +148,7 @@ def bench_decode(args, cfg, base) -> None:
                              dtype=cfg.dtype, cache_bytes=cache_bytes(cfg, 1, length, steps, strategy)))
     if args.cache_only:
         return
-    params = load_checkpoint(args.checkpoint)[1] if args.checkpoint else init_params(cfg, jax.random.key(0))
+    params = init_params(cfg, jax.random.key(0)) if params is None else params
     prompts = np.asarray(jax.random.randint(jax.random.key(1), (max(args.batches), args.seq), 0, cfg.vocab_size))
 
     def seconds(batch: int, new: int, steps: int, **kw) -> tuple[float, object]:

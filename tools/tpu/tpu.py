@@ -18,6 +18,7 @@ import argparse
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 RUNTIME = "v2-alpha-tpuv5-lite"  # TPU VM image for v5e; v5p: v2-alpha-tpuv5, v4: tpu-ubuntu2204-base
 JAX_TPU = "jax[tpu]==0.10.2"  # the jax pinned in requirements.txt, with libtpu
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spot", action="store_true")
     p = add("install", install)
     p.add_argument("--repo", default="", help="git URL to clone on every worker (default: copy --source)")
-    p.add_argument("--source", default=".", help="local git checkout whose HEAD is copied when no --repo is given")
+    p.add_argument("--source", default=str(Path(__file__).resolve().parents[2]),
+                   help="local git checkout whose HEAD is copied when no --repo is given (default: this checkout)")
     p = add("run", run)
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")

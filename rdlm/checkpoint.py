@@ -44,6 +44,14 @@ def _single_device() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
+def _saved_config(file: Path) -> Config:
+    """The config a checkpoint or run folder was saved with; an invalid one raises CheckpointError naming it."""
+    try:
+        return load_config(file)
+    except ConfigError as e:
+        raise CheckpointError(str(e) if str(file) in str(e) else f"{file}: {e}") from e
+
+
 def load_model(path: str | os.PathLike, dtype: Any = None,
                sharding: jax.sharding.Sharding | None = None) -> tuple[Config, dict[str, Any]]:
     """Read an rdlm model checkpoint; `dtype` casts on load (default: as stored). A damaged checkpoint
@@ -52,10 +60,7 @@ def load_model(path: str | os.PathLike, dtype: Any = None,
     if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{path} is not an rdlm model checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/); "
                               "convert an HF checkpoint with `python -m rdlm.convert SRC DST`")
-    try:
-        cfg = load_config(path / CONFIG_FILE)
-    except ConfigError as e:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
+    cfg = _saved_config(path / CONFIG_FILE)
     verify_files(path)
     try:
         stored = ocp_v1.metadata(path / PARAMS_DIR).metadata
@@ -257,10 +262,7 @@ def load_run(run_dir: str | os.PathLike, sharding: jax.sharding.Sharding | None 
     run_dir = Path(run_dir).absolute()
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{run_dir} is not a training run folder (no {CONFIG_FILE})")
-    try:
-        config = load_config(run_dir / CONFIG_FILE)
-    except ConfigError as e:
-        raise CheckpointError(f"{run_dir / CONFIG_FILE}: {e}") from e
+    config = _saved_config(run_dir / CONFIG_FILE)
     directory = config.train.checkpoint_dir or run_dir / "checkpoints"
     if not str(directory).startswith("gs://") and not Path(directory).is_dir():
         raise CheckpointError(f"training run {run_dir} has no checkpoints yet ({directory} does not exist)")

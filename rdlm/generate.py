@@ -23,23 +23,24 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rdlm.errors import RdlmError
 from rdlm import model
-from rdlm.checkpoint import CONFIG_FILE, PARAMS_DIR, load_model
+from rdlm.checkpoint import CONFIG_FILE, PARAMS_DIR, load_model, load_run
 from rdlm.config import Config, ModelConfig, RulesConfig, with_overrides
+from rdlm.errors import ArgumentParser, RdlmError, cli
 from rdlm.hf import load_hf_checkpoint
 from rdlm.params import abstract_params
-from rdlm.sharding import activate, constrain, make_mesh, named, param_partition_specs
-from rdlm.tokenizer import load_tokenizer
-from rdlm.train import TrainingError, load_trained
+from rdlm.sharding import activate, constrain, make_mesh, named, param_partition_specs, shards
+from rdlm.tokenizer import Tokenizer, load_tokenizer
 
 Params = dict[str, Any]
 
@@ -144,6 +145,7 @@ CRITERIA: dict[str, Criterion] = {
 # at another step (official names: huginn's core has 4 layers, here it is any core depth).
 STRATEGIES = ("full", "skip", "latest-m4", "available-m4", "always-last-m4", "compress-s<n>", "compress-anchor")
 ANCHOR_STEPS = 8  # compress-anchor keeps the first 8 recurrences, then shares one slot (official)
+MAX_STEPS = 2**31 - 1  # recurrence counters are int32
 
 
 class KVCache(NamedTuple):
@@ -180,9 +182,15 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, slots: int) -> KVCache
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, length: int, num_steps: int, strategy: str) -> int:
-    """Bytes `init_cache` allocates for this strategy (what `tools/bench.py decode` reports)."""
-    return sum(x.size * x.dtype.itemsize for x in jax.eval_shape(
-        lambda: init_cache(cfg, batch, length, cache_slots(strategy, num_steps, cfg))))
+    """Bytes `init_cache` allocates for this strategy (what `tools/bench.py decode` reports), without tracing it."""
+    slots = cache_slots(strategy, num_steps, cfg)
+    layers = cfg.n_layers_in_prelude + slots * cfg.n_layers_in_recurrent_block + cfg.n_layers_in_coda
+    return layers * _kv_bytes(cfg, batch) * length + batch * (length + 1) * 4  # + steps [b, T], length [b]
+
+
+def _kv_bytes(cfg: ModelConfig, batch: int) -> int:
+    """Bytes of one layer's keys and values at one position."""
+    return batch * 2 * cfg.n_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
 
 
 def _write_slot(strategy: str, t: jax.Array, slots: int) -> jax.Array:
@@ -510,19 +518,115 @@ def _generate_speculative(params, prompt, prompt_len, stop_ids, rng, init_scale,
     return tokens, steps, lengths, carry[0], None
 
 
+# ---- memory --------------------------------------------------------------------------------------
+
+
+def generation_bytes(cfg: ModelConfig, opts: Options, batch: int, prompt_len: int, T: int) -> int:
+    """Estimated device bytes of one generation call besides the parameters: the KV cache (`cache_bytes`),
+    the fresh core entries, attention scores, MLP activations and logits of the largest block (the
+    prompt, or a verified draft), and the exit values kept per step. A lower bound of what XLA allocates,
+    so a call it refuses cannot fit."""
+    core = cache_slots(opts.strategy, opts.num_steps, cfg) * cfg.n_layers_in_recurrent_block
+    L = max(prompt_len, opts.lookahead if opts.draft_steps else 1)
+    fresh = core * L * _kv_bytes(cfg, batch)
+    activations = batch * L * (cfg.n_heads * (T + L) + 3 * cfg.n_embd + 2 * cfg.intermediate_size) * 4
+    logits = batch * (L if opts.draft_steps else 1) * cfg.vocab_size * 4
+    values = 0 if opts.draft_steps else batch * opts.max_new_tokens * opts.num_steps * 4
+    return cache_bytes(cfg, batch, T, opts.num_steps, opts.strategy) + fresh + activations + logits + values
+
+
+def _host_available_bytes() -> int | None:
+    """Host memory this process may still use: MemAvailable from /proc/meminfo (else free physical pages),
+    capped by a cgroup v2 limit; None where none of these can be read."""
+    free = None
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        free = int(line.split()[1]) * 1024
+    if free is None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError):  # memory.max is "max" when unlimited
+        cgroup = Path("/sys/fs/cgroup")
+        room = int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text())
+        free = room if free is None else min(free, room)
+    return free
+
+
+def available_bytes(devices: Sequence[jax.Device]) -> int | None:
+    """Bytes free for a generation on `devices`: the sum of what each accelerator reports free, or the host's
+    available memory where devices report none (CPU: all share the host's); None when unknown (no check)."""
+    stats = [d.memory_stats() or {} for d in devices]
+    if all("bytes_limit" in st for st in stats):
+        return sum(st["bytes_limit"] - st.get("bytes_in_use", 0) for st in stats)
+    return _host_available_bytes()
+
+
+def _largest(fits: Callable[[int], bool], high: int) -> int:
+    """The largest n in [1, high] with `fits(n)` (true up to some n, false after), or 0 if none."""
+    low = 0
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def _check_memory(params: Params, cfg: ModelConfig, opts: Options, batch: int, prompt_len: int, T: int,
+                  mesh: jax.sharding.Mesh | None) -> None:
+    """Refuse, before compiling, a call whose estimated memory exceeds what its devices have free, naming
+    the cache strategies and the largest num_steps that would fit. Parameters count where they will be
+    copied (a mesh reshards them; host arrays are transferred); those on the device already are in use.
+    Over several hosts, each checks its own devices for its share."""
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    free = available_bytes(local)
+    if free is None:
+        return
+    leaves = [x for x in jax.tree.leaves(params) if mesh is not None or not isinstance(x, jax.Array)]
+    copied = sum(x.size * np.dtype(x.dtype).itemsize for x in leaves)
+
+    def need(**change: Any) -> int:
+        total = copied + generation_bytes(cfg, dataclasses.replace(opts, **change), batch, prompt_len, T)
+        return total * len(local) // len(devices)
+
+    if need() <= free:
+        return
+    c = cfg.n_layers_in_recurrent_block
+    fits = [s for s in STRATEGIES if "<" not in s and s != opts.strategy and need(strategy=s) <= free]
+    slots = _largest(lambda k: need(strategy=f"compress-s{k * c}") <= free, opts.num_steps - 1)
+    fits += [f"compress-s{c}" + (f" up to compress-s{slots * c}" if slots > 1 else "")] if slots else []
+    steps = _largest(lambda n: need(num_steps=n) <= free, opts.num_steps - 1)
+    ways = [f"cache_strategy {' or '.join(fits)}"] if fits else []
+    ways += [f"num_steps <= {steps}"] if steps else []
+    where = "the host" if local[0].platform == "cpu" else f"{len(local)} x {local[0].device_kind}"
+    cache = cache_bytes(cfg, batch, T, opts.num_steps, opts.strategy)
+    raise GenerateError(
+        f"generation needs about {_gib(need())} (KV cache {_gib(cache)} with cache_strategy={opts.strategy!r} and "
+        f"num_steps={opts.num_steps}) but {where} has {_gib(free)} free; "
+        + (f"{' or '.join(ways)} would fit" if ways else "even one step does not fit: fewer prompts or max_new_tokens"),
+        hint="the cache keeps one entry per (recurrence step, core layer); compress strategies share slots")
+
+
 # ---- the public API ------------------------------------------------------------------------------
 
 
 def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
                  integer: bool = False) -> None:
-    """`value` in [low, high] (or (low, high]), a real number (an integer when `integer`), else a named error."""
-    bracket = "(" if low_open else "["
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or (
-            integer and not float(value).is_integer()):
-        kind = "an integer" if integer else "a number"
-        raise GenerateError(f"{name}={value!r} must be {kind} in {bracket}{low}, {high}]")
-    if math.isnan(value) or not ((value > low if low_open else value >= low) and value <= high):
-        raise GenerateError(f"{name}={value} is out of range; valid range is {bracket}{low}, {high}]")
+    """`value` in [low, high] (or (low, high]), a finite real number (an integer when `integer`), else a
+    named error. NaN and infinities are refused: they pass no comparison, or turn the sampler degenerate."""
+    valid = f"{'(' if low_open else '['}{low}, {high}{')' if high == math.inf else ']'}"
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not (is_int or isinstance(value, (float, np.floating))):
+        raise GenerateError(f"{name}={value!r} must be {'an integer' if integer else 'a number'} in {valid}")
+    if not (is_int or math.isfinite(value)):
+        raise GenerateError(f"{name}={value} is not a finite number; valid range is {valid}")
+    if integer and not (is_int or float(value).is_integer()):
+        raise GenerateError(f"{name}={value!r} must be an integer in {valid}")
+    if not ((value > low if low_open else value >= low) and value <= high):
+        raise GenerateError(f"{name}={value} is out of range; valid range is {valid}")
 
 
 def _check_strategy(strategy: str, cfg: ModelConfig) -> None:
@@ -572,6 +676,15 @@ def _prompts(input_ids: Any, prompt_lengths: Any, max_new_tokens: int,
     return out, lengths
 
 
+def _check_batch_split(batch: int, mesh: jax.sharding.Mesh, rules: RulesConfig) -> None:
+    """The prompts must split evenly over the mesh axes of the `batch` rule (the cache and activations do)."""
+    ways = shards(rules, mesh, "batch")
+    if batch % ways:
+        raise GenerateError(f"{batch} prompt(s) do not split over the mesh axes {rules.batch} of the batch rule "
+                            f"({ways} ways); pass a multiple of {ways} prompts",
+                            hint="or replicate the batch on every device with mesh.rules.batch=null")
+
+
 def generate(params: Params, input_ids: Any, config: ModelConfig | Config, *, max_new_tokens: int, num_steps: int,
              init_scale: float = 1.0, exit_criterion: str | None = None, exit_threshold: float | None = None,
              exit_in_prefill: bool = True, cache_strategy: str = "full", temperature: float = 0.0, top_k: int = 0,
@@ -594,7 +707,7 @@ def generate(params: Params, input_ids: Any, config: ModelConfig | Config, *, ma
     `mesh`, parameters, cache and activations are sharded by `rules` (default `RulesConfig()`), as in training.
     """
     cfg = config.model if isinstance(config, Config) else config
-    _check_range("num_steps", num_steps, 1, math.inf, integer=True)
+    _check_range("num_steps", num_steps, 1, MAX_STEPS, integer=True)
     _check_range("max_new_tokens", max_new_tokens, 1, cfg.block_size - 1, integer=True)
     _check_range("init_scale", init_scale, 0.0, 1e6)
     if rng is not None and not (isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)):
@@ -629,9 +742,11 @@ def generate(params: Params, input_ids: Any, config: ModelConfig | Config, *, ma
                    exit_in_prefill=exit_in_prefill, draft_steps=int(draft_steps or 0), lookahead=int(lookahead))
     T = prompt.shape[1] + max_new_tokens + (lookahead if speculative else 0)
     sampling = Sampling(jnp.float32(temperature or 1.0), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p))
+    _check_memory(params, cfg, opts, len(prompt), prompt.shape[1], T, mesh)
     context = contextlib.nullcontext()
     if mesh is not None:
         rules = rules or RulesConfig()
+        _check_batch_split(len(prompt), mesh, rules)
         params = jax.device_put(params, named(mesh, param_partition_specs(cfg, rules, mesh)))
         context = activate(mesh, rules)
     stops = np.full((-(-len(stop_ids) // 8) * 8,), -1, np.int32)  # padded: a few stop-list lengths, few compiles
@@ -639,12 +754,19 @@ def generate(params: Params, input_ids: Any, config: ModelConfig | Config, *, ma
     args = (params, jnp.asarray(prompt), jnp.asarray(lengths), jnp.asarray(stops),
             jax.random.key(0) if rng is None else rng, jnp.float32(init_scale), jnp.float32(threshold), sampling)
     static = dict(cfg=cfg, opts=opts, T=T, mesh=None if mesh is None else (mesh, rules))  # a mesh is a new program
-    with context:
-        if speculative:
-            out = _generate_speculative(*args, jnp.float32(verification_threshold), **static)
-        else:
-            out = _generate(*args, **static)
-    tokens, steps, lens, passes, values = jax.device_get(out)
+    try:
+        with context:
+            if speculative:
+                out = _generate_speculative(*args, jnp.float32(verification_threshold), **static)
+            else:
+                out = _generate(*args, **static)
+        tokens, steps, lens, passes, values = jax.device_get(out)
+    except jax.errors.JaxRuntimeError as e:  # the estimate is a lower bound: XLA's temporaries may not fit
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise GenerateError(f"out of memory while generating: {str(e).splitlines()[0]}",
+                            hint="lower num_steps, max_new_tokens or the number of prompts, or use a "
+                                 "compress-s<n> or compress-anchor cache_strategy") from e
     return Generation(tokens, steps, lens, int(passes), values)
 
 
@@ -662,7 +784,7 @@ def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Co
     if (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
         config, params = load_model(path)
     elif (path / CONFIG_FILE).is_file():
-        config, params, _ = load_trained(path)
+        config, params, _ = load_run(path)
     elif (path / "config.json").is_file():
         model_cfg, params = load_hf_checkpoint(path)
         config = Config(model=model_cfg)
@@ -678,9 +800,31 @@ def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Co
     return config, params
 
 
+def _as_flags(message: str, names: Iterable[str]) -> str:
+    """An API error message in the command line's terms: each keyword in `names` (filled from the flag of the
+    same name) is written as the flag, `top_p=inf` -> `--top-p=inf`."""
+    return re.sub(rf"\b({'|'.join(names)})\b", lambda m: "--" + m[1].replace("_", "-"), message)
+
+
+def _encode_prompts(tok: Tokenizer, texts: list[str], chat: bool, system: str | None) -> list[np.ndarray]:
+    """Token ids of each `--prompt`; a text the tokenizer keeps nothing of is refused (bos alone is no prompt)."""
+    prompts = []
+    for i, text in enumerate(texts):
+        if chat:
+            messages = [{"role": "system", "content": system}] if system else []
+            prompts.append(tok.encode_chat(messages + [{"role": "user", "content": text}]))
+        else:
+            prompts.append(tok.encode(text))
+            if len(prompts[-1]) == 1:
+                raise GenerateError(f"prompt {i} (--prompt {text!r}) encodes to no tokens with tokenizer "
+                                    f"{tok.source}: its vocabulary has none of the text's characters")
+    return prompts
+
+
+@cli
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rdlm.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m rdlm.generate", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.dtype=bfloat16")
     parser.add_argument("--checkpoint", required=True, help="rdlm checkpoint, training run folder or HF directory")
     parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
@@ -705,27 +849,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sharded", action="store_true",
                         help="shard over all devices by the config's mesh.* and mesh.rules.* (overridable)")
     args = parser.parse_args(argv)
+    empty = [i for i, text in enumerate(args.prompt) if not text.strip()]
+    if empty:
+        raise GenerateError(f"prompt {empty[0]} (--prompt {args.prompt[empty[0]]!r}) is empty; every prompt needs "
+                            "some text (prompts count from 0 in the order given)")
+    _check_range("--seed", args.seed, -2**63, 2**63 - 1, integer=True)  # what jax.random.key takes
+    config, params = load_checkpoint(args.checkpoint, args.overrides)
+    tok = load_tokenizer(args.checkpoint, path=args.tokenizer, model_vocab_size=config.model.vocab_size,
+                         fallback=config.data.tokenizer or None)
+    prompts = _encode_prompts(tok, args.prompt, args.chat, args.system)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, num_steps=args.num_steps, init_scale=args.init_scale,
+                  exit_criterion=args.exit_criterion, exit_threshold=args.exit_threshold,
+                  cache_strategy=args.cache_strategy, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, min_p=args.min_p, stop_ids=tok.stop_ids, continuous=args.continuous,
+                  draft_steps=args.draft_steps, lookahead=args.lookahead,
+                  verification_threshold=args.verification_threshold, rng=jax.random.key(args.seed))
+    if args.sharded:
+        kwargs |= dict(mesh=make_mesh(config.mesh), rules=config.mesh.rules)
     try:
-        config, params = load_checkpoint(args.checkpoint, args.overrides)
-        tok = load_tokenizer(args.checkpoint, path=args.tokenizer, model_vocab_size=config.model.vocab_size,
-                             fallback=config.data.tokenizer or None)
-        if args.chat:
-            system = [{"role": "system", "content": args.system}] if args.system else []
-            prompts = [tok.encode_chat(system + [{"role": "user", "content": p}]) for p in args.prompt]
-        else:
-            prompts = [tok.encode(p) for p in args.prompt]
-        kwargs = dict(max_new_tokens=args.max_new_tokens, num_steps=args.num_steps, init_scale=args.init_scale,
-                      exit_criterion=args.exit_criterion, exit_threshold=args.exit_threshold,
-                      cache_strategy=args.cache_strategy, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, min_p=args.min_p, stop_ids=tok.stop_ids, continuous=args.continuous,
-                      draft_steps=args.draft_steps, lookahead=args.lookahead,
-                      verification_threshold=args.verification_threshold, rng=jax.random.key(args.seed))
-        if args.sharded:
-            kwargs |= dict(mesh=make_mesh(config.mesh), rules=config.mesh.rules)
         out = generate(params, prompts, config, **kwargs)
-    except (ValueError, TrainingError, OSError) as e:  # GenerateError, ConfigError, CheckpointError, ...
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except GenerateError as e:
+        flags = kwargs.keys() & vars(args).keys()
+        raise GenerateError(_as_flags(str(e), flags), hint=e.hint and _as_flags(e.hint, flags)) from e
     for i, text in enumerate(args.prompt):
         n = int(out.lengths[i])
         steps = out.steps[i, :n]

@@ -30,7 +30,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from rdlm import model
-from rdlm.checkpoint import TrainCheckpointer, load_run
+from rdlm.checkpoint import TrainCheckpointer
 from rdlm.config import Config, ConfigError, ModelConfig, dump_config, load_config, to_dict
 from rdlm.errors import RdlmError, cli
 from rdlm.data import Batch, eval_batches, load_documents, make_dataset, split_documents
@@ -341,17 +341,9 @@ def _train(config: Config, should_stop: Callable[[int], bool] | None) -> dict[st
                     window["skipped"] += 1
                     summary["skipped"] += 1
                     nonfinite_run += 1
-                    if nonfinite_run >= tc.max_nonfinite_steps:
-                        checkpointer.save(step, state, train_iter, to_dict(config))
-                        checkpointer.wait()
-                        raise TrainingError(
-                            f"{nonfinite_run} consecutive steps up to step {step} had a non-finite loss or gradient "
-                            f"and were skipped (train.max_nonfinite_steps={tc.max_nonfinite_steps}); the unchanged "
-                            f"parameters were saved at step {step} in {checkpointer.directory}",
-                            hint="lower optim.lr, check the data, or raise train.max_nonfinite_steps")
                 else:
                     nonfinite_run = 0
-                if step % tc.log_every == 0 or step == tc.steps:
+                if step % tc.log_every == 0 or step == tc.steps or nonfinite_run >= tc.max_nonfinite_steps:
                     elapsed = time.time() - window["time"]
                     row = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                            "lr": float(metrics["lr"]), "n": n, "k": k, "tokens_per_s": window["tokens"] / elapsed,
@@ -362,6 +354,14 @@ def _train(config: Config, should_stop: Callable[[int], bool] | None) -> dict[st
                                    + (f" | skipped {row['skipped']} non-finite" if row["skipped"] else ""))
                     window = {"flops": 0.0, "tokens": 0, "time": time.time(), "skipped": 0}
                     summary["loss"] = row["loss"]
+                if nonfinite_run >= tc.max_nonfinite_steps:
+                    checkpointer.save(step, state, train_iter, to_dict(config))
+                    checkpointer.wait()
+                    raise TrainingError(
+                        f"{nonfinite_run} consecutive steps up to step {step} had a non-finite loss or gradient and "
+                        f"were skipped (train.max_nonfinite_steps={tc.max_nonfinite_steps}); the unchanged parameters "
+                        f"were saved at step {step} in {checkpointer.directory}",
+                        hint="lower optim.lr, check the data, or raise train.max_nonfinite_steps")
                 if val_set and (step % tc.eval_every == 0 or step == tc.steps):
                     losses = evaluate(state["params"], val_set, tc.eval_recurrence, cfg)
                     log.record(step=step, eval=losses)
@@ -382,11 +382,6 @@ def _train(config: Config, should_stop: Callable[[int], bool] | None) -> dict[st
             train_iter.close()
     summary.update(step=step, params=state["params"])
     return summary
-
-
-def load_trained(run_dir: str | Path) -> tuple[Config, dict[str, Any], int]:
-    """(config, params, step) of the newest readable checkpoint of a training run folder."""
-    return load_run(run_dir)
 
 
 @cli

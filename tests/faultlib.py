@@ -16,14 +16,15 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
-    """{path: sha256} of every file under `roots` (a missing root is recorded as absent)."""
+    """{path: sha256} of every file under `roots` (a missing root is recorded as absent), except a run
+    folder's `.lock`, whose holder line every run rewrites."""
     out = {}
     for root in map(Path, roots):
         if not root.exists():
             out[str(root)] = "absent"
             continue
         for f in sorted([root] if root.is_file() else root.rglob("*")):
-            if f.is_file():
+            if f.is_file() and f.name != ".lock":
                 out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
 

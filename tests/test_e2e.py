@@ -104,9 +104,9 @@ def test_generate_cli_on_converted_and_hf_checkpoints(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--checkpoint", "missing_dir"], "checkpoint missing_dir does not exist"),
     (["--checkpoint", "tests/fixtures/tiny_fp32", "--tokenizer", "tests/fixtures/hf_tokenizer", "--num-steps", "0"],
-     "num_steps=0 is out of range; valid range is [1, inf]"),
+     "--num-steps=0 is out of range; valid range is [1, 2147483647]"),
     (["--checkpoint", "tests/fixtures/tiny_fp32", "--tokenizer", "tests/fixtures/hf_tokenizer",
-      "--cache-strategy", "newest"], "unknown cache_strategy='newest'"),
+      "--cache-strategy", "newest"], "unknown --cache-strategy='newest'"),
 ])
 def test_generate_cli_reports_bad_input(args, message):
     out = subprocess.run([sys.executable, "-m", "rdlm.generate", "--prompt", "x", "--max-new-tokens", "4", *args],

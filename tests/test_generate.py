@@ -1,6 +1,8 @@
 """Cached generation: equality with uncached recomputation, batching, exits, cache strategies, speculative
 decoding, sampling filters and bad input. Parity with the official generate is in test_generate_parity.py."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,8 @@ import pytest
 
 import rdlm
 from rdlm import model
-from rdlm.generate import CRITERIA, GenerateError, Sampling, cache_bytes, generate, sample_token
+from rdlm.generate import (CRITERIA, GenerateError, Sampling, cache_bytes, cache_slots, generate, init_cache,
+                           sample_token)
 from conftest import FIXTURES
 
 STEPS, NEW = 6, 8
@@ -86,6 +89,15 @@ def test_cache_memory_per_strategy(tiny):
     assert full == (cfg.n_layers_in_prelude + 32 * 4 + cfg.n_layers_in_coda) * per_layer + 64 * 4 + 4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("strategy", ["full", "compress-s8", "compress-anchor"])
+def test_cache_bytes_is_what_init_cache_allocates(tiny, strategy, dtype):
+    """`cache_bytes` is a formula (the memory check evaluates it many times): it must stay `init_cache`'s size."""
+    cfg = dataclasses.replace(tiny[0], dtype=dtype)
+    shapes = jax.eval_shape(lambda: init_cache(cfg, 3, 40, cache_slots(strategy, 12, cfg)))
+    assert cache_bytes(cfg, 3, 40, 12, strategy) == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
 @pytest.mark.parametrize("draft_steps,lookahead", [(1, 3), (2, 4), (STEPS, 5)])
 def test_speculative_equals_greedy(tiny, draft_steps, lookahead):
     cfg, params = tiny
@@ -152,14 +164,15 @@ def test_sampled_generation_is_seeded(tiny):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(input_ids=[[]]), "empty prompt"),
     (dict(input_ids=[list(range(30))], max_new_tokens=3), "exceeds the context block_size=32"),
-    (dict(num_steps=0), "num_steps=0 is out of range; valid range is [1, inf]"),
+    (dict(num_steps=0), "num_steps=0 is out of range; valid range is [1, 2147483647]"),
     (dict(num_steps=2.5), "num_steps=2.5 must be an integer"),
     (dict(max_new_tokens=0), "max_new_tokens=0"),
     (dict(input_ids=np.ones((2, 3), np.int32), prompt_lengths=[3, -1]), "must be 2 integers in [1, 3]"),
-    (dict(init_scale=float("nan")), "init_scale=nan is out of range"),
+    (dict(init_scale=float("nan")), "init_scale=nan is not a finite number; valid range is [0.0, 1000000.0]"),
     (dict(rng=3), "rng must be a key from jax.random.key(seed)"),
     (dict(stop_ids=[256]), "stop_ids [256] must lie in [0, vocab_size=256)"),
-    (dict(exit_criterion="argmax-stability", exit_threshold=float("inf")), "must be an integer"),
+    (dict(exit_criterion="argmax-stability", exit_threshold=float("inf")),
+     "argmax-stability=inf is not a finite number"),
     (dict(exit_criterion="entropy"), "unknown exit_criterion='entropy'; valid: entropy-diff"),
     (dict(exit_criterion="cosine", exit_threshold=3.0),
      "exit_threshold for cosine=3.0 is out of range; valid range is (0.0, 2.0]"),

@@ -11,7 +11,7 @@
         k = model.mean_backprop_depth; with --official-*, the official forward+backward tokens/s.
     python tools/bench.py decode CONFIG [key=value ...] [--seq 32 --new 32 --steps 8 --batches 1,8 --checkpoint DIR
                                                          --criteria entropy-diff,kl]
-        cached generation (rdlm.generate), greedy: prefill tokens/s (prompt of --seq tokens) and decode
+        cached generation (rdlm.generate), greedy, best of --iters: prefill tokens/s (prompt of --seq tokens) and decode
         tokens/s (the --new - 1 tokens after the first) at each batch size and num_steps; then, at
         batch 1, the mean recurrence steps per token and decode tokens/s under each exit criterion
         (official default thresholds), and the KV-cache bytes of each cache strategy. Weights: random,
@@ -160,7 +160,7 @@ def bench_decode(args, cfg, base) -> None:
             start = time.perf_counter()
             out = run()
             times.append(time.perf_counter() - start)
-        return float(np.median(times)), out
+        return min(times), out  # best of --iters: the least disturbed run on a shared machine
 
     with tempfile.TemporaryDirectory(prefix="rdlm-bench-") as tmp:
         if args.official_script:

@@ -10,8 +10,9 @@ from rdlm.checkpoint import CheckpointError, load_model  # noqa: E402
 from rdlm.config import Config, ConfigError, ModelConfig, load_config  # noqa: E402
 from rdlm.generate import Generation, GenerateError, generate  # noqa: E402
 from rdlm.hf import load_hf_checkpoint  # noqa: E402
-from rdlm.model import forward  # noqa: E402
+from rdlm.model import Huginn, forward, params_of  # noqa: E402
 from rdlm.params import init_params, logical_axes, param_specs  # noqa: E402
 
-__all__ = ["CheckpointError", "Config", "ConfigError", "GenerateError", "Generation", "ModelConfig", "forward",
-           "generate", "init_params", "load_config", "load_hf_checkpoint", "load_model", "logical_axes", "param_specs"]
+__all__ = ["CheckpointError", "Config", "ConfigError", "GenerateError", "Generation", "Huginn", "ModelConfig", "forward",
+           "generate", "init_params", "load_config", "load_hf_checkpoint", "load_model", "logical_axes", "param_specs",
+           "params_of"]

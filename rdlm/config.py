@@ -58,6 +58,11 @@ class ModelConfig:
     bias: bool = False  # bias of the adapter, as the official `config.bias`
     tie_embeddings: bool = True
     dtype: str = field(default="float32", metadata=_check(choices=("float32", "bfloat16")))  # compute
+    # How the embedded input enters each recurrence (official `injection_type`; huginn-0125: linear) and
+    # how the latent starts (official `state_init`; huginn-0125: like-init). See rdlm.model.
+    injection: str = field(default="linear", metadata=_check(choices=("linear", "ffn", "add", "gate", "none")))
+    state_init: str = field(default="like-init", metadata=_check(choices=("like-init", "normal", "embed", "zero",
+                                                                            "unit")))
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_heads:
@@ -137,15 +142,14 @@ class ModelConfig:
         return cls.from_hf_dict(hf, source=str(path))
 
 
-# Our field name -> official config.json key (identical names; the table keeps them in one place).
+# Our field name -> official config.json key (the table keeps them in one place).
 _HF_KEYS = {f: f for f in ("n_embd", "n_heads", "intermediate_size", "vocab_size", "padding_multiple", "block_size",
                            "n_layers_in_prelude", "n_layers_in_recurrent_block", "n_layers_in_coda",
                            "mean_recurrence", "mean_backprop_depth", "rope_base", "norm_eps", "qk_bias", "bias",
-                           "tie_embeddings")}
+                           "tie_embeddings")} | {"injection": "injection_type", "state_init": "state_init"}
 # Official settings this implementation has (and only these); written on export, checked on import.
 _HF_FIXED = {"architecture_class_name": "RecurrentGPT", "block_class_name": "SandwichBlock",
-             "norm_class_name": "RMSNorm_llama", "mlp_class_name": "GatedMLP", "nonlin_name": "SiLU",
-             "injection_type": "linear", "state_init": "like-init"}
+             "norm_class_name": "RMSNorm_llama", "mlp_class_name": "GatedMLP", "nonlin_name": "SiLU"}
 
 
 @dataclass(frozen=True)

@@ -224,14 +224,15 @@ def _attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, block_mask: jax.Arr
             + jnp.einsum("bnqk,bknd->bqnd", probs[..., T:], v))
 
 
-def _cached_mix(rope, block_mask, past_kv: jax.Array | None, past_mask: jax.Array, cfg: ModelConfig):
-    """The token mixer of a cached layer: attention of the new block over (valid cached positions, the block
-    itself); its aux output is the block's keys and values `[b, L, 2, h, d]`."""
-    def mix(p, h):
-        q, k, v = model.project_qkv(p, h, rope, cfg)
-        y = model.attend(q, k, v, block_mask) if past_kv is None else _attend_cached(q, k, v, block_mask, past_kv,
-                                                                                      past_mask)
-        return model.attention_out(p, y), jnp.stack([k, v], axis=2)
+def _cached_mix(rope, block_mask, past_kv: Callable[[int], jax.Array | None], past_mask: jax.Array) -> model.Mixer:
+    """The token mixer of cached layers: attention of the new block over (valid cached positions of layer i,
+    `past_kv(i)`; the block itself); its aux output is the block's keys and values `[b, L, 2, h, d]`."""
+    def mix(i, attn, h):
+        q, k, v = attn.qkv(h, rope)
+        cached = past_kv(i)
+        y = model.attend(q, k, v, block_mask) if cached is None else _attend_cached(q, k, v, block_mask, cached,
+                                                                                     past_mask)
+        return attn.out(y), jnp.stack([k, v], axis=2)
     return mix
 
 
@@ -283,15 +284,15 @@ def forward_block(params: Params, cache: KVCache, blk: Block, threshold: jax.Arr
     valid = jnp.arange(L)[None] <= blk.last[:, None]
     crit = CRITERIA[criterion]
 
-    def layers(blocks, x, kv_cache):
-        """The blocks over the new tokens; returns x and their keys/values `[n_blocks, b, L, 2, h, d]`."""
-        kvs = []
-        for i, p in enumerate(blocks):
-            x, kv = model.sandwich(p, x, _cached_mix(rope, block_mask, kv_cache[i] if has_past else None, past, cfg),
-                                   cfg)
-            kvs.append(kv.astype(kv_cache.dtype))
-            x = constrain(x, model.HIDDEN)
-        return x, jnp.stack(kvs) if kvs else jnp.zeros((0, b, L, *kv_cache.shape[-3:]), kv_cache.dtype)
+    m = model.merge(params, cfg)
+
+    def stacked(kvs: list[jax.Array], like: jax.Array) -> jax.Array:
+        """Keys/values of a stack of layers `[n_layers, b, L, 2, h, d]` in the cache dtype."""
+        return jnp.stack([kv.astype(like.dtype) for kv in kvs]) if kvs else jnp.zeros((0, b, L, *like.shape[-3:]),
+                                                                                        like.dtype)
+
+    def cached(kv_cache: jax.Array) -> model.Mixer:
+        return _cached_mix(rope, block_mask, lambda i: kv_cache[i] if has_past else None, past)
 
     def write(kv_cache, kvs, live):
         """One scatter per group and block (the cache is read-only while the block computes, so XLA
@@ -300,31 +301,27 @@ def forward_block(params: Params, cache: KVCache, blk: Block, threshold: jax.Arr
         return kv_cache.at[(*lead, rows, write_at(live))].set(kvs, mode="drop")
 
     def coda_logits(state):
-        x, kvs = layers(params["coda"], model.rms_norm(state, params["ln_f"]["scale"], cfg.norm_eps), cache.coda)
-        if not all_logits:
-            x = jnp.take_along_axis(x, blk.last[:, None, None], axis=1)
-        return model.lm_head(params, x, cfg), kvs
+        logits, _, kvs = m.readout(state, cached(cache.coda), last=None if all_logits else blk.last)
+        return logits, stacked(kvs, cache.coda)
 
-    embedded, prelude_kv = layers(params["prelude"], model.embed(params, blk.ids, cfg), cache.prelude)
+    embedded, prelude_kv = m.run(m.prelude, m.embed(blk.ids), cached(cache.prelude))
+    prelude_kv = stacked(prelude_kv, cache.prelude)
     slots = cache.core.shape[0]
 
     def core_step(t, state, fresh, running):
         """One recurrence; the block's keys/values go to `fresh [slots, n_core, b, L, 2, h, d]` (rows still running)."""
         slot_idx, exists = _core_lookup(opts.strategy, t, cache.steps, past, slots)
-        x = model.adapter(params, state, embedded, cfg)
-        kvs = []
-        for i, p in enumerate(params["core"]):
-            past_kv = None
-            if has_past:
-                if jnp.ndim(slot_idx) == 2:  # a slot per position
-                    past_kv = cache.core[slot_idx, i, rows, jnp.arange(T)[None]]
-                else:
-                    past_kv = cache.core[slot_idx, i]
-            x, kv = model.sandwich(p, x, _cached_mix(rope, block_mask, past_kv, past & exists, cfg), cfg)
-            kvs.append(kv.astype(fresh.dtype))
-            x = constrain(x, model.HIDDEN)
+
+        def past_kv(i: int) -> jax.Array | None:
+            if not has_past:
+                return None
+            if jnp.ndim(slot_idx) == 2:  # a slot per position
+                return cache.core[slot_idx, i, rows, jnp.arange(T)[None]]
+            return cache.core[slot_idx, i]
+
+        x, kvs = m.core_step(state, embedded, _cached_mix(rope, block_mask, past_kv, past & exists))
         w_slot = _write_slot(opts.strategy, t, slots)
-        kvs = jnp.where(running[None, :, None, None, None, None], jnp.stack(kvs), fresh[w_slot])
+        kvs = jnp.where(running[None, :, None, None, None, None], stacked(kvs, fresh), fresh[w_slot])
         return x, fresh.at[w_slot].set(kvs)
 
     def body(carry):
@@ -342,7 +339,7 @@ def forward_block(params: Params, cache: KVCache, blk: Block, threshold: jax.Arr
             exited = exited | (crit.exits(value, threshold) & running)
         return t + 1, state, exited, steps, core, crit_carry, values
 
-    state0 = blk.init_state.astype(cfg.dtype)
+    state0 = (embedded if cfg.injection == "none" else blk.init_state).astype(cfg.dtype)
     fresh = jnp.zeros((slots, *cache.core.shape[1:3], L, *cache.core.shape[4:]), cache.core.dtype)
     carry = (jnp.int32(0), state0, ~blk.active, jnp.zeros((b,), jnp.int32), fresh, crit.init(state0, cfg.vocab_size),
              jnp.full((b, max_steps), jnp.nan, jnp.float32))

@@ -1,13 +1,20 @@
-"""Huginn, the recurrent-depth transformer, as pure functions over a plain parameter pytree.
+"""Huginn, the recurrent-depth transformer, as Flax NNX modules used functionally.
 
 Read top to bottom:  tokens -> embedding (x sqrt(n_embd)) -> prelude -> e
-                      s_0 ~ truncated normal (or given)
-                      s_i = core(adapter([s_{i-1}, e]))   for i = 1 .. num_steps   (lax.fori_loop)
+                      s_0 = state_init(e)                                (official: like-init noise)
+                      s_i = core(adapter(s_{i-1}, e))   for i = 1 .. num_steps   (lax.fori_loop)
                       ln_f(s_r) -> coda -> ln_f -> tied lm head -> logits
-Every block is a SandwichBlock (a norm before and after both attention and MLP). The parameter
-layout and official names are in `rdlm.params`; numerics follow the official
-`raven_modeling_minimal.py` (RMSNorm in fp32, RoPE on interleaved pairs in fp32, qk bias before RoPE).
-`num_steps` is a traced value: one compiled function serves every recurrence depth.
+Every block is a SandwichBlock (a norm before and after both attention and MLP). The blocks take a
+*token mixer*, `mix(attention, normed x) -> (output, aux)`: plain causal attention here, cached
+attention in generation (`rdlm.generate`), so the prelude -> recurrence -> coda sequence is written
+once, in `Huginn`. Every `nnx.Param` comes from the parameter table (`rdlm.params`: shape, logical
+axes, official name, init) and carries its logical axes as sharding metadata.
+
+Used functionally, as MaxText does: `nnx.split` gives (graphdef, state); `forward`, the train step and
+generation are plain jitted functions of the plain parameter pytree (same paths as the checkpoints),
+merged into a module inside the compiled function. `num_steps` is traced: one compile serves every
+depth. Numerics follow the official `raven_modeling_minimal.py` (RMSNorm in fp32, RoPE on interleaved
+pairs in fp32, qk bias before RoPE).
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from rdlm.config import ModelConfig
+from rdlm.params import init_params, logical_axes
 from rdlm.sharding import constrain
 
 Params = dict[str, Any]
+HIDDEN = ("batch", "length", "activation_embed")  # logical axes of the residual stream
 
 
-# ---- layers ---------------------------------------------------------------------------------------
+# ---- the math (stateless) -------------------------------------------------------------------------
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -50,16 +60,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
-def project_qkv(p: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array],
-                cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries, keys, values `[batch, seq, heads, head_dim]`: fused projection, qk bias, then RoPE."""
-    qkv = jnp.einsum("bse,ecnd->bscnd", x, p["wqkv"].astype(x.dtype))
-    if cfg.qk_bias:
-        qkv = qkv.at[:, :, :2].add(p["qk_bias"].astype(x.dtype))
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    return apply_rope(q, *rope), apply_rope(k, *rope), v
-
-
 def attention_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
     """Scaled fp32 scores `[b,n,q,k]` of `q [b,q,n,d]` against `k [b,k,n,d]`, masked out where not `mask`."""
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
@@ -72,54 +72,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 
 
-def attention_out(p: Params, y: jax.Array) -> jax.Array:
-    """Heads `[b,s,n,d]` back to the residual stream."""
-    return jnp.einsum("bqnd,nde->bqe", y, p["proj"].astype(y.dtype))
-
-
-def attention(p: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
-              cfg: ModelConfig) -> jax.Array:
-    """Causal multi-head self-attention."""
-    return attention_out(p, attend(*project_qkv(p, x, rope, cfg), mask))
-
-
-def gated_mlp(p: Params, x: jax.Array) -> jax.Array:
-    """SiLU-gated MLP with a fused `fc` (gate, up)."""
-    h = jnp.einsum("bse,egi->bsgi", x, p["fc"].astype(x.dtype))
-    return jnp.einsum("bsi,ie->bse", jax.nn.silu(h[:, :, 0]) * h[:, :, 1], p["proj"].astype(x.dtype))
-
-
-def sandwich(p: Params, x: jax.Array, mix: Callable[[Params, jax.Array], tuple[jax.Array, Any]],
-             cfg: ModelConfig) -> tuple[jax.Array, Any]:
-    """The SandwichBlock around a token mixer: `mix(attn params, normed x) -> (output, aux)`; returns (x, aux).
-
-    The mixer is plain attention in training and cached attention in generation (`rdlm.generate`).
-    """
-    eps = cfg.norm_eps
-    y, aux = mix(p["attn"], rms_norm(x, p["norm_1"]["scale"], eps))
-    x = rms_norm(y + x, p["norm_2"]["scale"], eps)
-    return rms_norm(gated_mlp(p["mlp"], rms_norm(x, p["norm_3"]["scale"], eps)) + x, p["norm_4"]["scale"], eps), aux
-
-
-def sandwich_block(p: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array,
-                   cfg: ModelConfig) -> jax.Array:
-    return sandwich(p, x, lambda pa, h: (attention(pa, h, rope, mask, cfg), None), cfg)[0]
-
-
-HIDDEN = ("batch", "length", "activation_embed")  # logical axes of the residual stream
-
-
-def run_blocks(blocks: list[Params], x: jax.Array, rope, mask, cfg: ModelConfig, remat: bool = False) -> jax.Array:
-    """The blocks in order; with `remat`, each block's activations are recomputed in the backward pass."""
-    block = jax.checkpoint(sandwich_block, static_argnums=(4,)) if remat else sandwich_block
-    for p in blocks:
-        x = constrain(block(p, x, rope, mask, cfg), HIDDEN)
-    return x
-
-
-# ---- the recurrent-depth model -------------------------------------------------------------------
-
-
 def attention_mask(positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     """`[batch, 1, q, k]`: causal by position, and within one packed segment when ids are given."""
     mask = positions[:, :, None] >= positions[:, None, :]
@@ -128,43 +80,275 @@ def attention_mask(positions: jax.Array, segment_ids: jax.Array | None) -> jax.A
     return mask[:, None]
 
 
-def embed(params: Params, input_ids: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Token embedding times sqrt(n_embd), in the compute dtype."""
-    return params["wte"]["embedding"][input_ids].astype(cfg.dtype) * jnp.asarray(cfg.embed_scale, cfg.dtype)
+# ---- layers ---------------------------------------------------------------------------------------
+
+
+def _param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter with its logical axes as sharding metadata (placed later by `rdlm.sharding`)."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, p: Params, axes: Params, eps: float):
+        self.scale, self.eps = _param(p["scale"], axes["scale"]), eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention's projections: fused qkv (+ the learned qk bias, added before RoPE) and output.
+    The attention itself is the token mixer's (`Mixer`)."""
+
+    def __init__(self, p: Params, axes: Params, cfg: ModelConfig):
+        self.wqkv, self.proj = _param(p["wqkv"], axes["wqkv"]), _param(p["proj"], axes["proj"])
+        self.qk_bias = _param(p["qk_bias"], axes["qk_bias"]) if cfg.qk_bias else None
+
+    def qkv(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys, values `[batch, seq, heads, head_dim]`, RoPE applied to queries and keys."""
+        qkv = jnp.einsum("bse,ecnd->bscnd", x, self.wqkv[...].astype(x.dtype))
+        if self.qk_bias is not None:
+            qkv = qkv.at[:, :, :2].add(self.qk_bias[...].astype(x.dtype))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def out(self, y: jax.Array) -> jax.Array:
+        """Heads `[b,s,n,d]` back to the residual stream."""
+        return jnp.einsum("bqnd,nde->bqe", y, self.proj[...].astype(y.dtype))
+
+
+# A token mixer: (layer index within its stack, the layer's attention, normed x) -> (output, aux).
+Mixer = Callable[[int, Attention, jax.Array], tuple[jax.Array, Any]]
+
+
+def causal_mixer(rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> Mixer:
+    """Plain self-attention over the sequence (training, the plain forward)."""
+    return lambda i, attn, h: (attn.out(attend(*attn.qkv(h, rope), mask)), None)
+
+
+class GatedMLP(nnx.Module):
+    """SiLU-gated MLP with a fused `fc` (gate, up)."""
+
+    def __init__(self, p: Params, axes: Params):
+        self.fc, self.proj = _param(p["fc"], axes["fc"]), _param(p["proj"], axes["proj"])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.einsum("bse,egi->bsgi", x, self.fc[...].astype(x.dtype))
+        return jnp.einsum("bsi,ie->bse", jax.nn.silu(h[:, :, 0]) * h[:, :, 1], self.proj[...].astype(x.dtype))
+
+
+class SandwichBlock(nnx.Module):
+    """norm_1 before and norm_2 after the residual add of attention; norm_3 and norm_4 around the MLP."""
+
+    def __init__(self, p: Params, axes: Params, cfg: ModelConfig):
+        self.norm_1, self.norm_2, self.norm_3, self.norm_4 = (
+            RMSNorm(p[f"norm_{n}"], axes[f"norm_{n}"], cfg.norm_eps) for n in range(1, 5))
+        self.attn, self.mlp = Attention(p["attn"], axes["attn"], cfg), GatedMLP(p["mlp"], axes["mlp"])
+
+    def __call__(self, x: jax.Array, mix: Callable[[Attention, jax.Array], tuple[jax.Array, Any]]
+                 ) -> tuple[jax.Array, Any]:
+        """(new x, the mixer's aux output)."""
+        y, aux = mix(self.attn, self.norm_1(x))
+        x = self.norm_2(y + x)
+        return self.norm_4(self.mlp(self.norm_3(x)) + x), aux
+
+
+# ---- the injection (adapter) and the initial state: `model.injection` and `model.state_init` --------
+
+
+class LinearInjection(nnx.Module):
+    """The official `linear` adapter: a Linear map of concat([state, embedded input])."""
+
+    def __init__(self, p: Params, axes: Params, cfg: ModelConfig):
+        self.kernel = _param(p["kernel"], axes["kernel"])
+        self.bias = _param(p["bias"], axes["bias"]) if cfg.bias else None
+
+    def __call__(self, state: jax.Array, embedded: jax.Array) -> jax.Array:
+        x = jnp.concatenate([state, embedded], axis=-1) @ self.kernel[...].astype(state.dtype)
+        return x if self.bias is None else x + self.bias[...].astype(x.dtype)
+
+
+class FFNInjection(nnx.Module):
+    """`ffn`: a gated MLP from concat([state, embedded input]) to the width."""
+
+    def __init__(self, p: Params, axes: Params, cfg: ModelConfig):
+        self.mlp = GatedMLP(p, axes)
+
+    def __call__(self, state: jax.Array, embedded: jax.Array) -> jax.Array:
+        return self.mlp(jnp.concatenate([state, embedded], axis=-1))
+
+
+class ElementwiseInjection(nnx.Module):
+    """`add` (state + input), `gate` (state * input) or `none` (the state alone; it starts as the input)."""
+
+    def __init__(self, p: Params, axes: Params, cfg: ModelConfig):
+        self.kind = cfg.injection
+
+    def __call__(self, state: jax.Array, embedded: jax.Array) -> jax.Array:
+        return {"add": state + embedded, "gate": state * embedded, "none": state}[self.kind]
+
+
+INJECTIONS: dict[str, type[nnx.Module]] = {"linear": LinearInjection, "ffn": FFNInjection, "add": ElementwiseInjection,
+                                           "gate": ElementwiseInjection, "none": ElementwiseInjection}
 
 
 def initial_state(rng: jax.Array, shape: tuple[int, ...], cfg: ModelConfig, init_scale: jax.Array) -> jax.Array:
-    """The official 'like-init' latent: truncated normal (+-3 std), std = init_std * init_scale, times embed scale."""
-    std = cfg.init_std * init_scale
-    noise = jax.random.truncated_normal(rng, -3.0, 3.0, shape, jnp.float32)
-    return (noise * std * cfg.embed_scale).astype(cfg.dtype)
+    """s_0 by `cfg.state_init`, the official formulas, times `init_scale` (0 gives zeros):
+    `like-init` truncated normal (+-3 std, std = init_std) times the embedding scale; `normal` N(0, 1);
+    `embed` N(0, 1/n_embd); `zero`; `unit` N(0, 1) standardised per position. (With injection `none`
+    the state starts as the embedded input instead: `Huginn.start`.)"""
+    kind = cfg.state_init
+    if kind == "like-init":
+        x = jax.random.truncated_normal(rng, -3.0, 3.0, shape, jnp.float32) * cfg.init_std * cfg.embed_scale
+    elif kind == "unit":
+        x = jax.random.normal(rng, shape, jnp.float32)
+        x = (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True, ddof=1)  # torch.std_mean: unbiased
+    else:
+        std = {"normal": 1.0, "embed": 1 / np.sqrt(shape[-1]), "zero": 0.0}[kind]
+        x = jax.random.normal(rng, shape, jnp.float32) * std
+    return (x * init_scale).astype(cfg.dtype)
 
 
-def adapter(params: Params, state: jax.Array, embedded: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """The input injection: a linear map of concat([state, embedded input])."""
-    x = jnp.concatenate([state, embedded], axis=-1)
-    x = x @ params["adapter"]["kernel"].astype(x.dtype)
-    return x + params["adapter"]["bias"].astype(x.dtype) if cfg.bias else x
+# ---- the recurrent-depth model -------------------------------------------------------------------
 
 
-def core_step(params: Params, state: jax.Array, embedded: jax.Array, rope, mask, cfg: ModelConfig) -> jax.Array:
-    """One recurrence: the adapter, then the core block's layers."""
-    return run_blocks(params["core"], adapter(params, state, embedded, cfg), rope, mask, cfg)
+class Huginn(nnx.Module):
+    """prelude -> `num_steps` x (adapter, core) -> coda, all blocks SandwichBlocks.
+
+    `Huginn(config, rngs=nnx.Rngs(0))` initialises as the official code does (`rdlm.params`);
+    `Huginn.from_params(config, params)` wraps a plain parameter pytree; `params_of(model)` gives it back.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None = None, params: Params | None = None):
+        p = init_params(config, rngs.params()) if params is None else params
+        axes = logical_axes(config)
+
+        def blocks(name: str) -> nnx.List:
+            return nnx.List([SandwichBlock(b, a, config) for b, a in zip(p[name], axes[name])])
+
+        self.config = config
+        self.embedding = _param(p["wte"]["embedding"], axes["wte"]["embedding"])
+        self.prelude = blocks("prelude")
+        self.adapter = INJECTIONS[config.injection](p.get("adapter", {}), axes.get("adapter", {}), config)
+        self.core = blocks("core")
+        self.coda = blocks("coda")
+        self.ln_f = RMSNorm(p["ln_f"], axes["ln_f"], config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else _param(p["lm_head"]["kernel"], axes["lm_head"]["kernel"])
+
+    @classmethod
+    def from_params(cls, config: ModelConfig, params: Params) -> Huginn:
+        return cls(config, params=params)
+
+    @property
+    def injection(self) -> nnx.Module:
+        """The adapter: how the embedded input enters each recurrence (`model.injection` in the config)."""
+        return self.adapter
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embedding times sqrt(n_embd), in the compute dtype."""
+        cfg = self.config
+        return self.embedding[...][input_ids].astype(cfg.dtype) * jnp.asarray(cfg.embed_scale, cfg.dtype)
+
+    def run(self, blocks: nnx.List, x: jax.Array, mix: Mixer, remat: bool = False) -> tuple[jax.Array, list[Any]]:
+        """The blocks in order: (x, each block's aux). With `remat`, each block's activations are
+        recomputed in the backward pass."""
+        auxes = []
+        for i, block in enumerate(blocks):
+            layer_mix = functools.partial(mix, i)
+            call = functools.partial(block, mix=layer_mix)
+            x, aux = (jax.checkpoint(call) if remat else call)(x)
+            x = constrain(x, HIDDEN)
+            auxes.append(aux)
+        return x, auxes
+
+    def start(self, rng: jax.Array, embedded: jax.Array, init_scale: jax.Array) -> jax.Array:
+        """The initial latent: `initial_state`, or the embedded input itself with injection `none`."""
+        if self.config.injection == "none":
+            return embedded
+        return initial_state(rng, embedded.shape, self.config, init_scale)
+
+    def core_step(self, state: jax.Array, embedded: jax.Array, mix: Mixer) -> tuple[jax.Array, list[Any]]:
+        """One recurrence: the injection, then the core block's layers."""
+        return self.run(self.core, self.adapter(state, embedded), mix)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Coda output -> fp32 logits: ln_f, then the tied embedding (or an own head)."""
+        x = self.ln_f(x)
+        if self.lm_head is None:
+            return jnp.einsum("bse,ve->bsv", x, self.embedding[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("bse,ev->bsv", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+
+    def readout(self, state: jax.Array, mix: Mixer, remat: bool = False, last: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, list[Any]]:
+        """Final latent -> (fp32 logits, latent after ln_f, the coda's aux): ln_f, coda, then the head
+        (only at position `last [batch]` of each row when given: generation needs one token's logits)."""
+        latent = self.ln_f(state)
+        x, auxes = self.run(self.coda, latent, mix, remat)
+        if last is not None:
+            x = jnp.take_along_axis(x, last[:, None, None], axis=1)
+        return self.head(x), latent, auxes
+
+    def apply(self, input_ids: jax.Array, num_steps: jax.Array, init_state: jax.Array | None, init_scale: jax.Array,
+              rng: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """The forward with every argument explicit (traced): (fp32 logits, final latent after ln_f)."""
+        mix = causal_mixer(rope_angles(positions, self.config.head_dim, self.config.rope_base),
+                           attention_mask(positions, segment_ids))
+        embedded, _ = self.run(self.prelude, self.embed(input_ids), mix)
+        state = self.start(rng, embedded, init_scale) if init_state is None else init_state
+        state = jax.lax.fori_loop(0, num_steps, lambda _, s: self.core_step(s, embedded, mix)[0],
+                                  state.astype(self.config.dtype))
+        logits, latent, _ = self.readout(state, mix)
+        return logits, latent
+
+    def __call__(self, input_ids: Any, num_steps: int | jax.Array, **kwargs: Any) -> Any:
+        """As `rdlm.forward` (same keywords), for this module's parameters."""
+        return forward(params_of(self), input_ids, self.config, num_steps=num_steps, **kwargs)
 
 
-def lm_head(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Coda output -> fp32 logits: ln_f, then the tied embedding (or an own head)."""
-    x = rms_norm(x, params["ln_f"]["scale"], cfg.norm_eps)
-    if cfg.tie_embeddings:
-        return jnp.einsum("bse,ve->bsv", x, params["wte"]["embedding"].astype(x.dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("bse,ev->bsv", x, params["lm_head"]["kernel"].astype(x.dtype), preferred_element_type=jnp.float32)
+# ---- the functional split -------------------------------------------------------------------------
 
 
-def decode(params: Params, state: jax.Array, rope, mask, cfg: ModelConfig,
-           remat: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Final latent -> (fp32 logits, normed latent): ln_f, coda, then the head."""
-    latent = rms_norm(state, params["ln_f"]["scale"], cfg.norm_eps)
-    return lm_head(params, run_blocks(params["coda"], latent, rope, mask, cfg, remat), cfg), latent
+@functools.lru_cache(maxsize=32)
+def graphdef(config: ModelConfig) -> nnx.GraphDef:
+    """The module structure of a config (built abstractly, once): what `merge` fills with parameters."""
+    return nnx.split(nnx.eval_shape(lambda: Huginn(config, rngs=nnx.Rngs(0))))[0]
+
+
+def _int_keys(tree: Any) -> Any:
+    """Our pytree (lists of layers) -> NNX's state layout (layers under integer keys)."""
+    if isinstance(tree, list):
+        return {i: _int_keys(x) for i, x in enumerate(tree)}
+    return {k: _int_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def _lists(tree: Any) -> Any:
+    """NNX's state layout -> ours: integer-keyed levels become lists; `embedding` under `wte`."""
+    if isinstance(tree, dict) and tree and all(isinstance(k, int) for k in tree):
+        return [_lists(tree[i]) for i in range(len(tree))]
+    return {k: _lists(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def merge(params: Params, config: ModelConfig) -> Huginn:
+    """The module over a plain parameter pytree (inside a jitted function: no copies)."""
+    tree = dict(_int_keys(params))
+    tree["embedding"] = tree.pop("wte")["embedding"]
+    tree["adapter"] = {"mlp": tree["adapter"]} if config.injection == "ffn" else tree.get("adapter", {})
+    if "lm_head" in tree:
+        tree["lm_head"] = tree["lm_head"]["kernel"]
+    return nnx.merge(graphdef(config), nnx.State(tree))
+
+
+def params_of(model: Huginn) -> Params:
+    """The plain parameter pytree of a module: the paths and shapes of `rdlm.params`, checkpoints and HF conversion."""
+    tree = _lists(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    tree["wte"] = {"embedding": tree.pop("embedding")}
+    if model.config.injection == "ffn":
+        tree["adapter"] = tree["adapter"]["mlp"]
+    elif not tree.get("adapter"):
+        tree.pop("adapter", None)
+    if "lm_head" in tree:
+        tree["lm_head"] = {"kernel": tree["lm_head"]}
+    return tree
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -172,14 +356,7 @@ def apply(params: Params, input_ids: jax.Array, num_steps: jax.Array, init_state
           init_scale: jax.Array, rng: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
           cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """The jitted forward with every argument explicit: (fp32 logits, final latent after ln_f)."""
-    rope = rope_angles(positions, cfg.head_dim, cfg.rope_base)
-    mask = attention_mask(positions, segment_ids)
-    embedded = run_blocks(params["prelude"], embed(params, input_ids, cfg), rope, mask, cfg)
-    if init_state is None:
-        init_state = initial_state(rng, embedded.shape, cfg, init_scale)
-    state = jax.lax.fori_loop(0, num_steps, lambda _, s: core_step(params, s, embedded, rope, mask, cfg),
-                              init_state.astype(cfg.dtype))
-    return decode(params, state, rope, mask, cfg)
+    return merge(params, cfg).apply(input_ids, num_steps, init_state, init_scale, rng, positions, segment_ids)
 
 
 def forward(params: Params, input_ids: jax.Array, config: ModelConfig, *, num_steps: int | jax.Array,
@@ -188,8 +365,8 @@ def forward(params: Params, input_ids: jax.Array, config: ModelConfig, *, num_st
             return_latents: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Logits `[batch, seq, vocab_size]` in fp32 after `num_steps` recurrences of the core block.
 
-    The initial latent is `init_state` when given, else the official random init scaled by
-    `init_scale` (0 gives zeros) drawn from `rng` (default: key 0, so calls are reproducible).
+    The initial latent is `init_state` when given, else `config.state_init` (official: like-init noise)
+    scaled by `init_scale` (0 gives zeros) drawn from `rng` (default: key 0, so calls are reproducible).
     `positions`/`segment_ids` `[batch, seq]` serve packed sequences (default: 0..seq-1, one segment).
     With `return_latents`, also returns the final latent state after `ln_f`, as the official does.
     """
@@ -208,7 +385,7 @@ def forward(params: Params, input_ids: jax.Array, config: ModelConfig, *, num_st
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     rng = jax.random.key(0) if rng is None else rng
     logits, latents = apply(params, input_ids, jnp.asarray(num_steps, jnp.int32), init_state,
-                               jnp.asarray(init_scale, jnp.float32), rng, positions, segment_ids, config)
+                            jnp.asarray(init_scale, jnp.float32), rng, positions, segment_ids, config)
     return (logits, latents) if return_latents else logits
 
 
@@ -241,23 +418,23 @@ def forward_train(params: Params, input_ids: jax.Array, positions: jax.Array, se
     The n steps run in a `fori_loop` on stop-gradient inputs (n is traced: no recompiles, no
     activations kept). The k steps run in a `scan` of static length mean_backprop_depth, each under
     `jax.checkpoint` and skipped (`cond`) past k: activation memory is one latent per step (prelude and
-    coda blocks are rematerialised too). Gradients
-    reach the prelude through the embedded input injected at each of the k steps, as in the official.
+    coda blocks are rematerialised too). Gradients reach the prelude through the embedded input
+    injected at each of the k steps, as in the official.
     """
-    rope = rope_angles(positions, cfg.head_dim, cfg.rope_base)
-    mask = attention_mask(positions, segment_ids)
-    embedded = run_blocks(params["prelude"], embed(params, input_ids, cfg), rope, mask, cfg, remat=True)
-    state = initial_state(rng, embedded.shape, cfg, jnp.float32(1.0))
-    frozen, frozen_embedded = jax.lax.stop_gradient((params, embedded))
-    state = jax.lax.fori_loop(0, n, lambda _, s: core_step(frozen, s, frozen_embedded, rope, mask, cfg), state)
+    model = merge(params, cfg)
+    mix = causal_mixer(rope_angles(positions, cfg.head_dim, cfg.rope_base), attention_mask(positions, segment_ids))
+    embedded, _ = model.run(model.prelude, model.embed(input_ids), mix, remat=True)
+    state = model.start(rng, embedded, jnp.float32(1.0))
+    frozen, frozen_embedded = merge(jax.lax.stop_gradient(params), cfg), jax.lax.stop_gradient(embedded)
+    state = jax.lax.fori_loop(0, n, lambda _, s: frozen.core_step(s, frozen_embedded, mix)[0], state)
     state = jax.lax.stop_gradient(state)
 
     @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
-    def step(p, s, e):
-        return core_step(p, s, e, rope, mask, cfg)
+    def step(s, e):
+        return model.core_step(s, e, mix)[0]
 
     def body(s, i):
-        return jax.lax.cond(i < k, lambda s: step(params, s, embedded), lambda s: s, s), None
+        return jax.lax.cond(i < k, lambda s: step(s, embedded), lambda s: s, s), None
 
     state, _ = jax.lax.scan(body, state, jnp.arange(cfg.mean_backprop_depth))
-    return decode(params, state, rope, mask, cfg, remat=True)[0]
+    return model.readout(state, mix, remat=True)[0]

@@ -109,6 +109,25 @@ def _block(cfg: ModelConfig, path: Path, hf: str) -> list[ParamSpec]:
     return rows
 
 
+def _injection(cfg: ModelConfig) -> list[ParamSpec]:
+    """The adapter's parameters: a Linear of [state, input] (`linear`, with `bias`), a gated MLP from
+    2 * n_embd (`ffn`, as the official `GatedMLP(in_features=2 * n_embd)`), none for `add`, `gate`, `none`."""
+    e, i, std, out = cfg.n_embd, cfg.intermediate_size, cfg.init_std, cfg.out_proj_std
+    if cfg.injection == "ffn":
+        return [ParamSpec(("adapter", "fc"), (2 * e, 2, i), ("adapter", "gate", "mlp"), "transformer.adapter.fc.weight",
+                          (2 * i, 2 * e), True, _glu(std, out)),
+                ParamSpec(("adapter", "proj"), (i, e), ("mlp", "embed"), "transformer.adapter.proj.weight", (e, i), True,
+                          _trunc_normal(out))]
+    if cfg.injection != "linear":
+        return []
+    rows = [ParamSpec(("adapter", "kernel"), (2 * e, e), ("adapter", "embed"), "transformer.adapter.weight",
+                      (e, 2 * e), True, _trunc_normal(std))]
+    if cfg.bias:
+        rows.append(ParamSpec(("adapter", "bias"), (e,), ("embed",), "transformer.adapter.bias", (e,), False, _zeros,
+                              decay=False))
+    return rows
+
+
 def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     """Every parameter of the model, in the official state-dict order."""
     e, v, std = cfg.n_embd, cfg.vocab_size, cfg.init_std
@@ -116,11 +135,7 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
                       _trunc_normal(std))]
     for n in range(cfg.n_layers_in_prelude):
         rows += _block(cfg, ("prelude", n), f"transformer.prelude.{n}")
-    rows.append(ParamSpec(("adapter", "kernel"), (2 * e, e), ("adapter", "embed"), "transformer.adapter.weight",
-                          (e, 2 * e), True, _trunc_normal(std)))
-    if cfg.bias:
-        rows.append(ParamSpec(("adapter", "bias"), (e,), ("embed",), "transformer.adapter.bias", (e,), False, _zeros,
-                              decay=False))
+    rows += _injection(cfg)
     for n in range(cfg.n_layers_in_recurrent_block):
         rows += _block(cfg, ("core", n), f"transformer.core_block.{n}")
     for n in range(cfg.n_layers_in_coda):

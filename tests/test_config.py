@@ -73,7 +73,8 @@ def test_hf_config_of_official_json_form():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("injection_type", "additive", "injection_type='additive' is not supported"),
+    ("injection_type", "additive", "model.injection: 'additive' is not one of"),
+    ("norm_class_name", "LayerNorm", "norm_class_name='LayerNorm' is not supported"),
     ("model_type", "llama", "model_type='llama'"),
     ("num_key_value_heads", 1, "no GQA"),
     ("n_layers", 9, "n_layers=9 but prelude+core+coda = 8"),

@@ -46,8 +46,8 @@ HF_SOURCES = {
         {**json.loads((TINY / "config.json").read_text()), "model_type": "llama"})) and d / "hf",
                          ["model_type='llama'", "huginn_raven"]),
     "unsupported injection": (lambda d: (_hf_copy(d) / "config.json").write_text(json.dumps(
-        {**json.loads((TINY / "config.json").read_text()), "injection_type": "add"})) and d / "hf",
-                              ["injection_type='add'", "linear"]),
+        {**json.loads((TINY / "config.json").read_text()), "injection_type": "modulated"})) and d / "hf",
+                              ["model.injection", "'modulated'", "linear"]),
     "no weights": (lambda d: [f.unlink() for f in _hf_copy(d).glob("*.safetensors")] and d / "hf", ["safetensors"]),
     "truncated weights": (lambda d: [_truncate(f) for f in _hf_copy(d).glob("*.safetensors")] and d / "hf",
                           ["model.safetensors", "truncated"]),

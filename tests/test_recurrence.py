@@ -39,15 +39,16 @@ def test_sampler_is_a_function_of_the_key_and_fixed_is_fixed():
 
 def _unrolled(params, ids, pos, seg, n, k, rng, cfg):
     """Reference: plain Python loops, stop_gradient around the n steps."""
-    rope, mask = model.rope_angles(pos, cfg.head_dim, cfg.rope_base), model.attention_mask(pos, seg)
-    e = model.run_blocks(params["prelude"], model.embed(params, ids, cfg), rope, mask, cfg)
-    s = model.initial_state(rng, e.shape, cfg, jnp.float32(1.0))
+    mix = model.causal_mixer(model.rope_angles(pos, cfg.head_dim, cfg.rope_base), model.attention_mask(pos, seg))
+    m, frozen = model.merge(params, cfg), model.merge(jax.lax.stop_gradient(params), cfg)
+    e, _ = m.run(m.prelude, m.embed(ids), mix)
+    s = m.start(rng, e, jnp.float32(1.0))
     for _ in range(n):
-        s = model.core_step(jax.lax.stop_gradient(params), s, jax.lax.stop_gradient(e), rope, mask, cfg)
+        s = frozen.core_step(s, jax.lax.stop_gradient(e), mix)[0]
     s = jax.lax.stop_gradient(s)
     for _ in range(k):
-        s = model.core_step(params, s, e, rope, mask, cfg)
-    return model.decode(params, s, rope, mask, cfg)[0]
+        s = m.core_step(s, e, mix)[0]
+    return m.readout(s, mix)[0]
 
 
 def test_truncated_backprop_gradients_equal_unrolled_reference():

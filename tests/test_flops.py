@@ -19,9 +19,10 @@ def test_flops_agree_with_xla_cost_analysis():
     pos = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
 
     def one_step(params, ids, pos):
-        rope, mask = model.rope_angles(pos, cfg.head_dim, cfg.rope_base), model.attention_mask(pos, None)
-        e = model.run_blocks(params["prelude"], model.embed(params, ids, cfg), rope, mask, cfg)
-        return model.decode(params, model.core_step(params, jnp.zeros_like(e), e, rope, mask, cfg), rope, mask, cfg)
+        mix = model.causal_mixer(model.rope_angles(pos, cfg.head_dim, cfg.rope_base), model.attention_mask(pos, None))
+        m = model.merge(params, cfg)
+        e, _ = m.run(m.prelude, m.embed(ids), mix)
+        return m.readout(m.core_step(jnp.zeros_like(e), e, mix)[0], mix)[:2]
     compiled = jax.jit(one_step).lower(abstract_params(cfg), ids, pos).compile()
     xla = compiled.cost_analysis()["flops"]
     ours = forward_flops_per_token(cfg, 1, seq) * batch * seq

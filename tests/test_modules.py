@@ -77,8 +77,9 @@ def _train_losses(cfg, steps=16):
     return losses
 
 
-VARIANTS = [("linear", "like-init"), ("ffn", "like-init"), ("add", "like-init"), ("gate", "normal"),
-            ("none", "like-init"), ("linear", "normal"), ("linear", "embed"), ("linear", "zero"), ("linear", "unit")]
+# every injection and every state init at least once (six compiles instead of 25)
+VARIANTS = [("linear", "like-init"), ("ffn", "embed"), ("add", "unit"), ("gate", "normal"), ("none", "like-init"),
+            ("linear", "zero")]
 
 
 @pytest.mark.parametrize("injection,state_init", VARIANTS, ids=[f"{a}+{b}" for a, b in VARIANTS])

@@ -20,13 +20,25 @@ from rdlm.train import TrainingError, main as train_main, run_lock, train
 pytestmark = pytest.mark.slow
 
 
+CORPUS: list[str] = []  # overrides that select the small corpus below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_corpus(tmp_path_factory):
+    """A few short documents: faster to read, tokenize and restore than the 42 plays."""
+    docs = tmp_path_factory.mktemp("corpus")
+    for i in range(4):
+        (docs / f"{i}.txt").write_text(f"Document {i}. " + "To be, or not to be, that is the question. " * 40)
+    CORPUS[:] = ["data.source=text", f"data.paths=[{docs}/*.txt]"]
+
+
 def config(overrides, *extra):
-    """The tiny preset, no validation split (no eval compile), a checkpoint every step."""
-    return load_config("tiny", [*overrides, "data.val_fraction=0", "train.checkpoint_every=1", *extra])
+    """The tiny preset on the small corpus, no validation split (no eval compile), a checkpoint every step."""
+    return load_config("tiny", argv(overrides, *extra)[1:])
 
 
 def argv(overrides, *extra):
-    return ["tiny", *overrides, "data.val_fraction=0", "train.checkpoint_every=1", *extra]
+    return ["tiny", *overrides, *CORPUS, "data.val_fraction=0", "train.checkpoint_every=1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +195,7 @@ train(load_config("tiny", sys.argv[1:]))
 
 def test_sigkill_during_async_save_resumes_from_last_complete_step(train_overrides, capsys):
     cfg = config(train_overrides, "train.steps=4", "train.async_checkpoint=true")
-    args = ["data.val_fraction=0", "train.checkpoint_every=1", "train.steps=4", "train.async_checkpoint=true"]
+    args = [*CORPUS, "data.val_fraction=0", "train.checkpoint_every=1", "train.steps=4", "train.async_checkpoint=true"]
     child = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, *train_overrides, *args], env=ENV,
                            capture_output=True, text=True, cwd=REPO, timeout=600)
     assert child.returncode == -9, child.stderr[-2000:]

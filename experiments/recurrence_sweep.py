@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from rdlm.checkpoint import load_run  # noqa: E402
 from rdlm.data import eval_batches, load_documents, make_dataset, split_documents  # noqa: E402
-from rdlm.generate import generate  # noqa: E402
+from rdlm.inference import generate  # noqa: E402
 from rdlm.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from rdlm.config import ConfigError  # noqa: E402
 from rdlm.errors import cli  # noqa: E402

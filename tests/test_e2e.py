@@ -56,7 +56,7 @@ def test_tokenizer_train_and_sweep_clis(tmp_path):
               "--sample-tokens", "5")
     assert "at step 4" in out and (tmp_path / "run" / "recurrence_sweep.png").stat().st_size > 1000
     assert json.loads((tmp_path / "run" / "recurrence_sweep.json").read_text())["step"] == 4
-    out = run("-m", "rdlm.generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "To be", "--num-steps", "2",
+    out = run("-m", "rdlm.inference", "--checkpoint", str(tmp_path / "run"), "--prompt", "To be", "--num-steps", "2",
               "--max-new-tokens", "3")  # a training run folder; its sentencepiece model comes from data.tokenizer
     assert "--- prompt 0: 'To be'" in out and "2.00 recurrence steps per token" in out
 
@@ -96,9 +96,9 @@ def test_generate_cli_on_converted_and_hf_checkpoints(tmp_path):
     args = ["--prompt", "To be, or not", "--prompt", "Hi", "--num-steps", "4", "--max-new-tokens", "6", "--chat",
             "--init-scale", "0", "--exit-criterion", "entropy-diff", "--exit-threshold", "0.01",
             "--cache-strategy", "latest-m4"]
-    converted = run("-m", "rdlm.generate", "--checkpoint", str(tmp_path / "ckpt"), *args)
+    converted = run("-m", "rdlm.inference", "--checkpoint", str(tmp_path / "ckpt"), *args)
     assert converted.count("--- prompt") == 2 and converted.count("recurrence steps per token") == 2
-    assert run("-m", "rdlm.generate", "--checkpoint", str(hf), *args) == converted
+    assert run("-m", "rdlm.inference", "--checkpoint", str(hf), *args) == converted
 
 
 @pytest.mark.parametrize("args,message", [
@@ -109,7 +109,7 @@ def test_generate_cli_on_converted_and_hf_checkpoints(tmp_path):
       "--cache-strategy", "newest"], "unknown --cache-strategy='newest'"),
 ])
 def test_generate_cli_reports_bad_input(args, message):
-    out = subprocess.run([sys.executable, "-m", "rdlm.generate", "--prompt", "x", "--max-new-tokens", "4", *args],
+    out = subprocess.run([sys.executable, "-m", "rdlm.inference", "--prompt", "x", "--max-new-tokens", "4", *args],
                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
     assert out.returncode == 1 and message in out.stderr
 

@@ -144,7 +144,7 @@ def test_damaged_checkpoint_is_named_by_load_and_export(kind, converted, tmp_pat
 
 def test_relative_paths_from_another_folder(tmp_path, monkeypatch, capsys):
     """The README's commands with relative paths: convert, load, export, generate's loader."""
-    from rdlm.generate import load_checkpoint
+    from rdlm.inference import load_checkpoint
 
     shutil.copytree(TINY, tmp_path / "src")
     work = tmp_path / "work"

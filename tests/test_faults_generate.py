@@ -2,7 +2,6 @@
 in one named error (CLI: exit 1, an `error:` line naming the flag, key or file and the valid choice, no
 traceback; API: GenerateError) before anything is compiled, and change nothing on disk."""
 
-import importlib
 import shutil
 from pathlib import Path
 
@@ -14,7 +13,10 @@ import rdlm
 from conftest import FIXTURES, REPO
 from faultlib import fails_in_process
 
-gen = importlib.import_module("rdlm.generate")  # `rdlm.generate` the attribute is the function
+from rdlm.inference import engine, memory
+from rdlm.inference.checks import GenerateError
+from rdlm.inference.cli import main as generate_main
+from rdlm.sharding import make_mesh
 TINY, TOK = FIXTURES / "tiny_fp32", FIXTURES / "hf_tokenizer"
 BASE = ["--tokenizer", str(TOK), "--num-steps", "2", "--max-new-tokens", "2"]
 GIB = 2**30
@@ -83,7 +85,7 @@ MESHES = [  # 8 virtual CPU devices (conftest)
 @pytest.mark.parametrize("extra,needles", PROMPTS + [([*a, "--prompt", "hi"], n)
                                                      for a, n in SETTINGS + OVERRIDES + MESHES])
 def test_cli_refuses_bad_input(extra, needles, capsys):
-    fails_in_process(gen.main, ["--checkpoint", str(TINY), *BASE, *extra], capsys, *needles, keep=(TINY, TOK))
+    fails_in_process(generate_main, ["--checkpoint", str(TINY), *BASE, *extra], capsys, *needles, keep=(TINY, TOK))
 
 
 @pytest.mark.parametrize("checkpoint,needles", [
@@ -98,7 +100,7 @@ def test_cli_refuses_bad_input(extra, needles, capsys):
 def test_cli_refuses_bad_checkpoints(cases, checkpoint, needles, capsys):
     """Nothing is written, not even an empty directory (a run's checkpoints/, say)."""
     tree = sorted(cases.rglob("*"))
-    fails_in_process(gen.main, ["--checkpoint", str(cases / checkpoint), *BASE, "--prompt", "hi"], capsys, *needles,
+    fails_in_process(generate_main, ["--checkpoint", str(cases / checkpoint), *BASE, "--prompt", "hi"], capsys, *needles,
                      keep=(cases,))
     assert sorted(cases.rglob("*")) == tree
 
@@ -110,19 +112,19 @@ def test_cli_refuses_bad_checkpoints(cases, checkpoint, needles, capsys):
 ])
 def test_cli_refuses_bad_tokenizers(cases, tokenizer, needles, capsys):
     tok = [] if tokenizer is None else ["--tokenizer", str(cases / tokenizer)]
-    fails_in_process(gen.main, ["--checkpoint", str(TINY), *tok, "--prompt", "hi"], capsys, *needles,
+    fails_in_process(generate_main, ["--checkpoint", str(TINY), *tok, "--prompt", "hi"], capsys, *needles,
                      keep=(cases, TINY))
 
 
 def test_cli_refuses_a_tokenizer_larger_than_the_model(tokenizer_path, capsys):
-    fails_in_process(gen.main, ["--checkpoint", str(TINY), "--tokenizer", tokenizer_path, "--prompt", "hi"], capsys,
+    fails_in_process(generate_main, ["--checkpoint", str(TINY), "--tokenizer", tokenizer_path, "--prompt", "hi"], capsys,
                      tokenizer_path, "512 token ids", "model.vocab_size=256", keep=(TINY, Path(tokenizer_path)))
 
 
 def test_cli_refuses_a_call_that_does_not_fit_in_memory(monkeypatch, capsys):
     """A million recurrences keep a million cache slots per core layer: refused before compiling, with what fits."""
-    monkeypatch.setattr(gen, "available_bytes", lambda devices: GIB)
-    err = fails_in_process(gen.main, ["--checkpoint", str(TINY), *BASE, "--num-steps", "1000000", "--prompt", "hi"],
+    monkeypatch.setattr(memory, "available_bytes", lambda devices: GIB)
+    err = fails_in_process(generate_main, ["--checkpoint", str(TINY), *BASE, "--num-steps", "1000000", "--prompt", "hi"],
                            capsys, "needs about", "GiB", "1 GiB free", "--cache-strategy='full'",
                            "--cache-strategy compress-anchor or compress-s4", "--num-steps <= ", keep=(TINY, TOK))
     fits = int(err.split("--num-steps <= ")[1].split()[0])
@@ -149,7 +151,7 @@ def tiny():
 def test_api_refuses_bad_settings(tiny, kwargs, message):
     cfg, params = tiny
     call = dict(input_ids=[[1, 2, 3]], max_new_tokens=2, num_steps=2) | kwargs
-    with pytest.raises(gen.GenerateError) as e:
+    with pytest.raises(GenerateError) as e:
         rdlm.generate(params, call.pop("input_ids"), cfg, **call)
     assert message in str(e.value)
 
@@ -157,23 +159,23 @@ def test_api_refuses_bad_settings(tiny, kwargs, message):
 def test_api_refuses_a_batch_the_mesh_cannot_split(tiny):
     from rdlm.config import MeshConfig
     cfg, params = tiny
-    mesh = gen.make_mesh(MeshConfig(data=4), jax.devices()[:4])
-    with pytest.raises(gen.GenerateError, match=r"2 prompt\(s\) do not split .* \(4 ways\); pass a multiple of 4"):
+    mesh = make_mesh(MeshConfig(data=4), jax.devices()[:4])
+    with pytest.raises(GenerateError, match=r"2 prompt\(s\) do not split .* \(4 ways\); pass a multiple of 4"):
         rdlm.generate(params, [[1, 2], [3]], cfg, max_new_tokens=2, num_steps=2, mesh=mesh)
 
 
 def test_api_memory_check_names_what_fits(tiny, monkeypatch):
     """Needed and free figures; every strategy named fits by the same estimate, and num_steps is the largest."""
     cfg, params = tiny
-    need = gen.generation_bytes(cfg, gen.Options(num_steps=1000, max_new_tokens=2), 1, 16, 18)
-    monkeypatch.setattr(gen, "available_bytes", lambda devices: need // 2)
-    with pytest.raises(gen.GenerateError) as e:
+    need = memory.generation_bytes(cfg, engine.Spec(num_steps=1000, max_new_tokens=2), 1, 16, 18)
+    monkeypatch.setattr(memory, "available_bytes", lambda devices: need // 2)
+    with pytest.raises(GenerateError) as e:
         rdlm.generate(params, [[1, 2, 3]], cfg, max_new_tokens=2, num_steps=1000)
     message = str(e.value)
     assert f"needs about {need / GIB:.3g} GiB" in message and f"{need // 2 / GIB:.3g} GiB free" in message
 
     def fits(strategy="full", steps=1000):
-        return gen.generation_bytes(cfg, gen.Options(steps, 2, strategy=strategy), 1, 16, 18) <= need // 2
+        return memory.generation_bytes(cfg, engine.Spec(steps, 2, strategy=strategy), 1, 16, 18) <= need // 2
     largest = int(message.split("compress-s4 up to compress-s")[1].split()[0])
     assert fits(f"compress-s{largest}") and not fits(f"compress-s{largest + 4}") and fits("compress-anchor")
     steps = int(message.split("num_steps <= ")[1].split()[0])
@@ -186,8 +188,8 @@ def test_api_reports_running_out_of_memory_anyway(tiny, monkeypatch):
 
     def exhausted(*args, **kwargs):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 57 GB.\nmore")
-    monkeypatch.setattr(gen, "_generate", exhausted)
-    with pytest.raises(gen.GenerateError, match="out of memory while generating: RESOURCE_EXHAUSTED: .* 57 GB.$") as e:
+    monkeypatch.setattr(engine, "decode", exhausted)
+    with pytest.raises(GenerateError, match="out of memory while generating: RESOURCE_EXHAUSTED: .* 57 GB.$") as e:
         rdlm.generate(params, [[1, 2, 3]], cfg, max_new_tokens=2, num_steps=2)
     assert "compress-anchor" in e.value.hint
 
@@ -204,8 +206,8 @@ class FakeDevice:
 
 def test_available_bytes_from_device_stats_or_the_host(monkeypatch):
     gpus = [FakeDevice({"bytes_limit": 10 * GIB, "bytes_in_use": 3 * GIB}), FakeDevice({"bytes_limit": 10 * GIB})]
-    assert gen.available_bytes(gpus) == 17 * GIB
-    monkeypatch.setattr(gen, "_host_available_bytes", lambda: 5 * GIB)
-    assert gen.available_bytes([FakeDevice(None)]) == 5 * GIB  # CPU devices report nothing
+    assert memory.available_bytes(gpus) == 17 * GIB
+    monkeypatch.setattr(memory, "_host_available_bytes", lambda: 5 * GIB)
+    assert memory.available_bytes([FakeDevice(None)]) == 5 * GIB  # CPU devices report nothing
     monkeypatch.undo()
-    assert 0 < gen.available_bytes(jax.devices()[:1]) < 2**50
+    assert 0 < memory.available_bytes(jax.devices()[:1]) < 2**50

@@ -222,7 +222,7 @@ def test_saved_config_holds_absolute_paths_usable_from_any_folder(train_override
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    from rdlm.generate import main as generate_main
+    from rdlm.inference.cli import main as generate_main
     assert generate_main(["--checkpoint", "../runs/rel", "--prompt", "To be", "--num-steps", "1",
                           "--max-new-tokens", "2"]) == 0
 
@@ -236,7 +236,7 @@ def test_metrics_never_hold_bare_nan(tmp_path):
 
 
 def test_module_entry_points_print_no_runpy_warning():
-    for module in ("rdlm.train", "rdlm.generate", "rdlm.convert"):
+    for module in ("rdlm.train", "rdlm.inference", "rdlm.convert"):
         out = subprocess.run([sys.executable, "-m", module, "--help"], env=ENV, capture_output=True, text=True,
                              cwd=REPO, timeout=300)
         assert out.returncode == 0 and "RuntimeWarning" not in out.stderr and "WARNING" not in out.stderr, out.stderr

@@ -10,8 +10,8 @@ import pytest
 
 import rdlm
 from rdlm import model
-from rdlm.generate import (CRITERIA, GenerateError, Sampling, cache_bytes, cache_slots, generate, init_cache,
-                           sample_token)
+from rdlm.inference import (CRITERIA, GenerateError, Sampling, cache_bytes, cache_slots, generate, init_cache,
+                            sample_token)
 from conftest import FIXTURES
 
 STEPS, NEW = 6, 8
@@ -203,13 +203,13 @@ def test_default_thresholds_are_the_official_ones():
 def test_core_lookup_rules():
     """Which recurrence slot each past position is read from at step t=3 (positions ran 1, 3, 4 and 6 steps;
     a fifth slot beyond the row's length holds a stale count and must be ignored)."""
-    from rdlm.generate import _core_lookup
+    from rdlm.inference.cache import core_lookup
     steps = jnp.asarray([[1, 3, 4, 6, 2]])
     past = jnp.asarray([[True, True, True, True, False]])
     t = jnp.int32(3)
 
     def check(strategy, slots, slot, exists, steps=steps, past=past):
-        read, present = _core_lookup(strategy, t, steps, past, slots)
+        read, present = core_lookup(strategy, t, steps, past, slots)
         n = len(slot)
         np.testing.assert_array_equal(np.broadcast_to(read, steps.shape)[:, :n], [slot])
         np.testing.assert_array_equal(present[:, :n], [exists])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import rdlm
-from rdlm.generate import CRITERIA, generate
+from rdlm.inference import CRITERIA, generate
 from conftest import FIXTURES
 
 EXPECTED = dict(np.load(FIXTURES / "tiny_fp32" / "generate.npz"))

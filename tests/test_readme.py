@@ -325,7 +325,7 @@ def test_a_new_readme_command_needs_an_entry():
     assert [p.split("\n")[1] for p in coverage_problems(commands + new)] == [
         "  matches RUN [] and SKIP []: it needs exactly one entry in tests/test_readme.py (RUN: how it runs on CPU, "
         "or SKIP: why not)"]
-    more = readme_commands("```bash\npython -m rdlm.generate --checkpoint ckpt/huginn-0125 [--new-flag]\n```\n")
+    more = readme_commands("```bash\npython -m rdlm.inference --checkpoint ckpt/huginn-0125 [--new-flag]\n```\n")
     assert "['--new-flag'] are in no variant" in coverage_problems(commands + more)[0]
     assert "matches no README command" in coverage_problems([c for c in commands if "tpu.py" not in c.text])[0]
 

@@ -132,7 +132,7 @@ def bench_forward(args, cfg, base) -> None:
 
 
 def bench_decode(args, cfg, base) -> None:
-    from rdlm.generate import CRITERIA, STRATEGIES, cache_bytes, generate, load_checkpoint
+    from rdlm.inference import CRITERIA, STRATEGIES, cache_bytes, generate, load_checkpoint
 
     unknown = [c for c in args.criteria or () if c not in CRITERIA]
     if unknown:

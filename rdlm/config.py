@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import json
 import math
 import os
@@ -24,7 +25,8 @@ import yaml
 
 from rdlm.errors import RdlmError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# the presets: configs/ at the top of the checkout, shipped inside the package as rdlm/presets (a link to it)
+CONFIG_DIR = Path(str(importlib.resources.files("rdlm") / "presets"))
 
 
 class ConfigError(RdlmError, ValueError):

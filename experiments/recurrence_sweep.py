@@ -27,7 +27,7 @@ from rdlm.data import eval_batches, load_documents, make_dataset, split_document
 from rdlm.inference import generate  # noqa: E402
 from rdlm.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from rdlm.config import ConfigError  # noqa: E402
-from rdlm.errors import cli  # noqa: E402
+from rdlm.errors import ArgumentParser, cli  # noqa: E402
 from rdlm.train import evaluate  # noqa: E402
 
 
@@ -72,7 +72,8 @@ def _recurrences(text: str) -> tuple[int, ...]:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=Path(__file__).name, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", nargs="?", default=str(REPO / "runs/demo"))
     parser.add_argument("--recurrence", default="1,2,4,8,16,32,64")
     parser.add_argument("--batches", type=int, default=16)

@@ -22,13 +22,14 @@ import jax.numpy as jnp  # noqa: E402
 
 import rdlm  # noqa: E402
 from rdlm.convert import convert  # noqa: E402
-from rdlm.errors import cli  # noqa: E402
+from rdlm.errors import ArgumentParser, cli  # noqa: E402
 from rdlm.params import count_params  # noqa: E402
 
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=Path(__file__).name, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", default=str(REPO / "tests/fixtures/tiny_fp32"))
     parser.add_argument("--out", default=str(REPO / "runs/tiny_fp32"))
     parser.add_argument("--steps", default="1,2,4,8,16,32,64")

@@ -22,12 +22,12 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return schedule
 
 
-def make_optimizer(cfg: OptimConfig, model: ModelConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, model_cfg: ModelConfig, total_steps: int) -> optax.GradientTransformation:
     """clip -> Adam moments -> (masked) weight decay -> scheduled learning rate."""
     decay = cfg.weight_decay / cfg.lr if cfg.decoupled_weight_decay else cfg.weight_decay
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-        optax.add_decayed_weights(decay, mask=decay_mask(model)),
+        optax.add_decayed_weights(decay, mask=decay_mask(model_cfg)),
         optax.scale_by_learning_rate(lr_schedule(cfg, total_steps)),
     )

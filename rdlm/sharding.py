@@ -82,21 +82,21 @@ def logical_spec(name: str, shape: tuple[int, ...], logical: tuple[str | None, .
     return PartitionSpec(*entries)
 
 
-def param_partition_specs(model: ModelConfig, rules: RulesConfig, mesh: Mesh) -> dict[str, Any]:
+def param_partition_specs(model_cfg: ModelConfig, rules: RulesConfig, mesh: Mesh) -> dict[str, Any]:
     """Pytree of PartitionSpecs, same structure as the parameters."""
     return unflatten({s.path: logical_spec("/".join(map(str, s.path)), s.shape, s.axes, rules, mesh)
-                      for s in param_specs(model)})
+                      for s in param_specs(model_cfg)})
 
 
 def named(mesh: Mesh, specs: Any) -> Any:
     return jax.tree.map(lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def state_shardings(state: Any, optimizer: optax.GradientTransformation, model: ModelConfig, rules: RulesConfig,
+def state_shardings(state: Any, optimizer: optax.GradientTransformation, model_cfg: ModelConfig, rules: RulesConfig,
                     mesh: Mesh) -> Any:
     """Shardings of a train state {params, opt_state, step, rng}: optimizer moments follow their parameter,
     counters and keys are replicated."""
-    params = named(mesh, param_partition_specs(model, rules, mesh))
+    params = named(mesh, param_partition_specs(model_cfg, rules, mesh))
     replicated = NamedSharding(mesh, PartitionSpec())
     opt = optax.tree_map_params(optimizer, lambda _, s: s, state["opt_state"], params,
                                 transform_non_params=lambda _: replicated)
@@ -153,23 +153,23 @@ def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def constrain_params(tree: Any, model: ModelConfig) -> Any:
+def constrain_params(tree: Any, model_cfg: ModelConfig) -> Any:
     """Pin a parameter-shaped pytree (gradients, accumulators) to the parameters' logical axes."""
     if not _ACTIVE:
         return tree
-    return unflatten({s.path: constrain(get_path(tree, s.path), s.axes) for s in param_specs(model)})
+    return unflatten({s.path: constrain(get_path(tree, s.path), s.axes) for s in param_specs(model_cfg)})
 
 
 # ---- reporting ------------------------------------------------------------------------------------
 
 
-def describe(model: ModelConfig, mesh_cfg: MeshConfig, num_devices: int) -> dict[str, Any]:
+def describe(model_cfg: ModelConfig, mesh_cfg: MeshConfig, num_devices: int) -> dict[str, Any]:
     """Every parameter's shape, logical axes and PartitionSpec on a mesh of `num_devices` (no devices
     needed: an abstract mesh), plus parameter bytes per device."""
     shape = mesh_shape(mesh_cfg, num_devices)
     mesh = jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     rows, per_device = {}, 0
-    for s in param_specs(model):
+    for s in param_specs(model_cfg):
         spec = logical_spec("/".join(map(str, s.path)), s.shape, s.axes, mesh_cfg.rules, mesh)
         ways = math.prod(math.prod(mesh.shape[a] for a in (e if isinstance(e, tuple) else (e,)))
                          for e in spec if e is not None)

@@ -2,6 +2,8 @@
 configs. Each bad command line ends in one `error:` line naming the flag or key and the valid range,
 exit code 1, and changes nothing on disk."""
 
+from pathlib import Path
+
 import pytest
 
 from conftest import REPO
@@ -115,3 +117,15 @@ def test_make_hf_tokenizer_out_under_a_file(tmp_path, capsys):
     (tmp_path / "file.txt").write_text("a file")
     fails_in_process(load_tool("make_hf_tokenizer").main, ["--out", str(tmp_path / "file.txt" / "hf")], capsys,
                      "Not a directory", "file.txt", keep=(tmp_path,))
+
+
+@pytest.mark.parametrize("script", ["tools/make_hf_tokenizer.py", "experiments/recurrence_sweep.py",
+                                    "experiments/tiny_parity.py"])
+def test_scripts_name_a_bad_flag(script, tmp_path, capsys):
+    """Every script parses with rdlm's ArgumentParser: one `error:` line, exit 1, no usage block."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(script.replace("/", "_")[:-3], REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fails_in_process(module.main, ["--bogus"], capsys, "unrecognized arguments: --bogus",
+                     f"{Path(script).name} --help", keep=(tmp_path,))

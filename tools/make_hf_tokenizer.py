@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rdlm.data import shakespeare_files  # noqa: E402
-from rdlm.errors import cli  # noqa: E402
+from rdlm.errors import ArgumentParser, cli  # noqa: E402
 
 SPECIAL = ["<|begin_text|>", "<|end_text|>", "<|begin_header|>", "<|end_header|>", "<|end_turn|>", "<|pad|>"]
 CHAT_TEMPLATE = (
@@ -43,7 +43,8 @@ CHAT_TEMPLATE = (
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=Path(__file__).name, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "tests/fixtures/hf_tokenizer"))
     args = parser.parse_args(argv)
     text = next(f for f in shakespeare_files() if f.name == "hamlet_gut.txt").read_text(encoding="utf-8")[:20_000]

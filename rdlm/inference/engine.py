@@ -254,7 +254,8 @@ def decode(params: Params, prompt: jax.Array, prompt_len: jax.Array, stop_ids: j
         return Decoding(i=d.i + 1, token=jnp.where(d.done, d.token, nxt), latent=out.latents,
                         done=d.done | jnp.isin(nxt, stop_ids),
                         cache=out.cache.replace(length=out.cache.length + (~d.done)),
-                        tokens=d.tokens.at[:, d.i].set(nxt), steps=d.steps.at[:, d.i].set(jnp.where(d.done, 0, out.steps)),
+                        tokens=d.tokens.at[:, d.i].set(nxt),
+                        steps=d.steps.at[:, d.i].set(jnp.where(d.done, 0, out.steps)),
                         exit_values=d.exit_values.at[:, d.i].set(out.exit_values))
 
     state = jax.lax.while_loop(lambda d: (d.i < n) & ~jnp.all(d.done), body, state)

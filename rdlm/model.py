@@ -300,9 +300,44 @@ class Huginn(nnx.Module):
         logits, latent, _ = self.readout(state, mix)
         return logits, latent
 
-    def __call__(self, input_ids: Any, num_steps: int | jax.Array, **kwargs: Any) -> Any:
-        """As `rdlm.forward` (same keywords), for this module's parameters."""
-        return forward(params_of(self), input_ids, self.config, num_steps=num_steps, **kwargs)
+    def train_logits(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, n: jax.Array,
+                     k: jax.Array, rng: jax.Array) -> jax.Array:
+        """fp32 logits after n recurrences without gradient and k with it (k <= mean_backprop_depth).
+
+        The n steps run in a `fori_loop` on stop-gradient inputs (n is traced: no recompiles, no
+        activations kept). The k steps run in a `scan` of static length mean_backprop_depth, each under
+        `jax.checkpoint` and skipped (`cond`) past k: activation memory is one latent per step (prelude and
+        coda blocks are rematerialised too). Gradients reach the prelude through the embedded input
+        injected at each of the k steps, as in the official. Differentiable in this module's state.
+        """
+        cfg = self.config
+        mix = causal_mixer(rope_angles(positions, cfg.head_dim, cfg.rope_base), attention_mask(positions, segment_ids))
+        embedded, _ = self.run(self.prelude, self.embed(input_ids), mix, remat=True)
+        state = self.start(rng, embedded, jnp.float32(1.0))
+        graphdef, weights = nnx.split(self)
+        frozen, frozen_embedded = nnx.merge(graphdef, jax.lax.stop_gradient(weights)), jax.lax.stop_gradient(embedded)
+        state = jax.lax.fori_loop(0, n, lambda _, s: frozen.core_step(s, frozen_embedded, mix)[0], state)
+        state = jax.lax.stop_gradient(state)
+
+        @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+        def step(s, e):
+            return self.core_step(s, e, mix)[0]
+
+        def body(s, i):
+            return jax.lax.cond(i < k, lambda s: step(s, embedded), lambda s: s, s), None
+
+        state, _ = jax.lax.scan(body, state, jnp.arange(cfg.mean_backprop_depth))
+        return self.readout(state, mix, remat=True)[0]
+
+    def __call__(self, input_ids: Any, num_steps: int | jax.Array, *, init_state: jax.Array | None = None,
+                 init_scale: float = 1.0, rng: jax.Array | None = None, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, return_latents: bool = False) -> Any:
+        """As `rdlm.forward`, for this module as it stands (its own components included): split, then one
+        jitted function of (graphdef, state)."""
+        graphdef, state = nnx.split(self)
+        args = _checked(input_ids, self.config, num_steps, init_state, init_scale, rng, positions)
+        logits, latents = _apply_split(graphdef, state, *args, segment_ids)
+        return (logits, latents) if return_latents else logits
 
 
 # ---- the functional split -------------------------------------------------------------------------
@@ -359,17 +394,14 @@ def apply(params: Params, input_ids: jax.Array, num_steps: jax.Array, init_state
     return merge(params, cfg).apply(input_ids, num_steps, init_state, init_scale, rng, positions, segment_ids)
 
 
-def forward(params: Params, input_ids: jax.Array, config: ModelConfig, *, num_steps: int | jax.Array,
-            init_state: jax.Array | None = None, init_scale: float = 1.0, rng: jax.Array | None = None,
-            positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-            return_latents: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Logits `[batch, seq, vocab_size]` in fp32 after `num_steps` recurrences of the core block.
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _apply_split(graphdef: nnx.GraphDef, state: nnx.State, *args: Any) -> tuple[jax.Array, jax.Array]:
+    return nnx.merge(graphdef, state).apply(*args)
 
-    The initial latent is `init_state` when given, else `config.state_init` (official: like-init noise)
-    scaled by `init_scale` (0 gives zeros) drawn from `rng` (default: key 0, so calls are reproducible).
-    `positions`/`segment_ids` `[batch, seq]` serve packed sequences (default: 0..seq-1, one segment).
-    With `return_latents`, also returns the final latent state after `ln_f`, as the official does.
-    """
+
+def _checked(input_ids: Any, config: ModelConfig, num_steps: int | jax.Array, init_state: jax.Array | None,
+             init_scale: float, rng: jax.Array | None, positions: jax.Array | None) -> tuple[Any, ...]:
+    """The forward's arguments checked (named errors) and defaulted, in `Huginn.apply`'s order."""
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be an integer array [batch, seq], got {input_ids.dtype}{list(input_ids.shape)}")
@@ -383,9 +415,23 @@ def forward(params: Params, input_ids: jax.Array, config: ModelConfig, *, num_st
         raise ValueError(f"init_state has shape {tuple(init_state.shape)}, expected {expected} [batch, seq, n_embd]")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    rng = jax.random.key(0) if rng is None else rng
-    logits, latents = apply(params, input_ids, jnp.asarray(num_steps, jnp.int32), init_state,
-                            jnp.asarray(init_scale, jnp.float32), rng, positions, segment_ids, config)
+    return (input_ids, jnp.asarray(num_steps, jnp.int32), init_state, jnp.asarray(init_scale, jnp.float32),
+            jax.random.key(0) if rng is None else rng, positions)
+
+
+def forward(params: Params, input_ids: jax.Array, config: ModelConfig, *, num_steps: int | jax.Array,
+            init_state: jax.Array | None = None, init_scale: float = 1.0, rng: jax.Array | None = None,
+            positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+            return_latents: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Logits `[batch, seq, vocab_size]` in fp32 after `num_steps` recurrences of the core block.
+
+    The initial latent is `init_state` when given, else `config.state_init` (official: like-init noise)
+    scaled by `init_scale` (0 gives zeros) drawn from `rng` (default: key 0, so calls are reproducible).
+    `positions`/`segment_ids` `[batch, seq]` serve packed sequences (default: 0..seq-1, one segment).
+    With `return_latents`, also returns the final latent state after `ln_f`, as the official does.
+    """
+    args = _checked(input_ids, config, num_steps, init_state, init_scale, rng, positions)
+    logits, latents = apply(params, *args, segment_ids, config)
     return (logits, latents) if return_latents else logits
 
 
@@ -413,28 +459,5 @@ def sample_recurrence(key: jax.Array, cfg: ModelConfig, scheme: str = "poisson-l
 
 def forward_train(params: Params, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                   n: jax.Array, k: jax.Array, rng: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """fp32 logits after n recurrences without gradient and k with it (k <= mean_backprop_depth).
-
-    The n steps run in a `fori_loop` on stop-gradient inputs (n is traced: no recompiles, no
-    activations kept). The k steps run in a `scan` of static length mean_backprop_depth, each under
-    `jax.checkpoint` and skipped (`cond`) past k: activation memory is one latent per step (prelude and
-    coda blocks are rematerialised too). Gradients reach the prelude through the embedded input
-    injected at each of the k steps, as in the official.
-    """
-    model = merge(params, cfg)
-    mix = causal_mixer(rope_angles(positions, cfg.head_dim, cfg.rope_base), attention_mask(positions, segment_ids))
-    embedded, _ = model.run(model.prelude, model.embed(input_ids), mix, remat=True)
-    state = model.start(rng, embedded, jnp.float32(1.0))
-    frozen, frozen_embedded = merge(jax.lax.stop_gradient(params), cfg), jax.lax.stop_gradient(embedded)
-    state = jax.lax.fori_loop(0, n, lambda _, s: frozen.core_step(s, frozen_embedded, mix)[0], state)
-    state = jax.lax.stop_gradient(state)
-
-    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
-    def step(s, e):
-        return model.core_step(s, e, mix)[0]
-
-    def body(s, i):
-        return jax.lax.cond(i < k, lambda s: step(s, embedded), lambda s: s, s), None
-
-    state, _ = jax.lax.scan(body, state, jnp.arange(cfg.mean_backprop_depth))
-    return model.readout(state, mix, remat=True)[0]
+    """`Huginn.train_logits` of the model over a plain parameter pytree (what the train step differentiates)."""
+    return merge(params, cfg).train_logits(input_ids, positions, segment_ids, n, k, rng)

@@ -80,7 +80,7 @@ RUN = {
     r"python -m rdlm\.convert path/to/huginn-0125 ckpt/huginn-0125": Run(
         "checkpoint", variants=((), ("--dtype bfloat16", "--overwrite"))),  # the 2nd replaces the 1st's DST
     r"python -m rdlm\.convert --export ckpt/huginn-0125 path/to/hf-out": Run("checkpoint"),
-    r"python -m rdlm\.generate --checkpoint ckpt/huginn-0125": Run(
+    r"python -m rdlm\.inference --checkpoint ckpt/huginn-0125": Run(
         "checkpoint", extra="--max-new-tokens 3",
         why="the tiny fixture's block_size is 32 and the chat-formatted prompt takes 29 of it",
         # two runs: speculative decoding does not combine with an exit criterion or continuous thought
@@ -354,3 +354,32 @@ def test_readme_tpu_commands(cwd):
 def test_readme_benchmark_commands(cwd):
     """Configs and Benchmarks: the tools/bench.py command lines."""
     _run_commands("bench", cwd)
+
+
+# The README's Python blocks, by their first line: run as a script from another folder, or skipped with the reason.
+PYTHON_SKIP = {
+    "import jax, rdlm": "needs huginn-0125's weights and an `input_ids`; the same calls run in test_convert and "
+                        "test_model on the tiny fixture",
+    "out = rdlm.generate(params, [ids_a, ids_b], cfg, max_new_tokens=64, num_steps=32,":
+        "a fragment (params, ids, tok from the blocks above); the same call runs in test_generate",
+}
+
+
+def python_blocks(text: str | None = None) -> list[str]:
+    return [m[2] for m in FENCE.finditer(README.read_text() if text is None else text) if m[1] == "python"]
+
+
+@pytest.mark.slow
+def test_readme_python_blocks(tmp_path):
+    blocks = python_blocks()
+    firsts = [b.splitlines()[0] for b in blocks]
+    assert set(PYTHON_SKIP) <= set(firsts), f"PYTHON_SKIP names blocks the README lacks: {set(PYTHON_SKIP) - set(firsts)}"
+    ran = 0
+    for block in blocks:
+        if block.splitlines()[0] in PYTHON_SKIP:
+            continue
+        out = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                             env=_env())
+        assert out.returncode == 0, f"README block failed:\n{block}\n{out.stderr[-3000:]}"
+        ran += 1
+    assert ran >= 1

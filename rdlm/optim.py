@@ -7,8 +7,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from rdlm.config import ModelConfig, OptimConfig
+from typing import Any
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rdlm.config import ModelConfig, OptimConfig, RulesConfig
 from rdlm.params import decay_mask
+from rdlm.sharding import named, param_partition_specs
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -31,3 +36,14 @@ def make_optimizer(cfg: OptimConfig, model_cfg: ModelConfig, total_steps: int) -
         optax.add_decayed_weights(decay, mask=decay_mask(model_cfg)),
         optax.scale_by_learning_rate(lr_schedule(cfg, total_steps)),
     )
+
+
+def state_shardings(state: Any, optimizer: optax.GradientTransformation, model_cfg: ModelConfig, rules: RulesConfig,
+                    mesh: Mesh) -> Any:
+    """Shardings of a train state {params, opt_state, step, rng}: optimizer moments follow their parameter,
+    counters and keys are replicated."""
+    params = named(mesh, param_partition_specs(model_cfg, rules, mesh))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt = optax.tree_map_params(optimizer, lambda _, s: s, state["opt_state"], params,
+                                transform_non_params=lambda _: replicated)
+    return {"params": params, "opt_state": opt, "step": replicated, "rng": replicated}

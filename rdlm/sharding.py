@@ -17,7 +17,6 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rdlm.errors import RdlmError
@@ -90,17 +89,6 @@ def param_partition_specs(model_cfg: ModelConfig, rules: RulesConfig, mesh: Mesh
 
 def named(mesh: Mesh, specs: Any) -> Any:
     return jax.tree.map(lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def state_shardings(state: Any, optimizer: optax.GradientTransformation, model_cfg: ModelConfig, rules: RulesConfig,
-                    mesh: Mesh) -> Any:
-    """Shardings of a train state {params, opt_state, step, rng}: optimizer moments follow their parameter,
-    counters and keys are replicated."""
-    params = named(mesh, param_partition_specs(model_cfg, rules, mesh))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt = optax.tree_map_params(optimizer, lambda _, s: s, state["opt_state"], params,
-                                transform_non_params=lambda _: replicated)
-    return {"params": params, "opt_state": opt, "step": replicated, "rng": replicated}
 
 
 def batch_sharding(rules: RulesConfig, mesh: Mesh) -> NamedSharding:

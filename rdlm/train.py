@@ -35,10 +35,10 @@ from rdlm.config import Config, ConfigError, ModelConfig, dump_config, load_conf
 from rdlm.errors import RdlmError, cli
 from rdlm.data import Batch, eval_batches, load_documents, make_dataset, split_documents
 from rdlm.flops import peak_flops, train_flops_per_token
-from rdlm.optim import lr_schedule, make_optimizer
+from rdlm.optim import lr_schedule, make_optimizer, state_shardings
 from rdlm.params import init_params
 from rdlm.sharding import (activate, batch_sharding, constrain_params, global_batch, initialize_distributed,
-                           make_mesh, shards, state_shardings)
+                           make_mesh, shards)
 from rdlm.tokenizer import load_tokenizer
 
 State = dict[str, Any]

@@ -82,3 +82,12 @@ def test_wheel_install_finds_the_presets(tmp_path):
     where, sizes = out.stdout.splitlines()
     assert Path(where).is_relative_to(tmp_path / "site")
     assert sizes == "32 5280"
+
+
+def test_inference_does_not_import_training():
+    code = ("import sys, rdlm, rdlm.inference; "
+            "print(sorted(m for m in ('rdlm.train', 'rdlm.optim', 'rdlm.data') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rdlm import sharding
 from rdlm.checkpoint import TrainCheckpointer
 from rdlm.config import ConfigError, load_config, to_dict
-from rdlm.optim import make_optimizer
+from rdlm.optim import make_optimizer, state_shardings
 from rdlm.params import init_params
 from rdlm.train import init_state, loss_and_grads
 from conftest import REPO
@@ -102,8 +102,8 @@ def test_checkpoint_moves_between_meshes(tmp_path):
 
     def sharded_state(cfg):
         mesh = sharding.make_mesh(cfg.mesh)
-        shardings = sharding.state_shardings(jax.eval_shape(lambda: init_state(cfg, optimizer)), optimizer,
-                                             cfg.model, cfg.mesh.rules, mesh)
+        shardings = state_shardings(jax.eval_shape(lambda: init_state(cfg, optimizer)), optimizer,
+                                     cfg.model, cfg.mesh.rules, mesh)
         return jax.jit(lambda: init_state(cfg, optimizer), out_shardings=shardings)(), shardings
 
     state, _ = sharded_state(config)

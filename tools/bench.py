@@ -80,7 +80,7 @@ from rdlm.config import ConfigError, load_config  # noqa: E402
 from rdlm.errors import ArgumentParser, cli  # noqa: E402
 from rdlm.hf import INDEX_FILE, write_hf  # noqa: E402
 from rdlm.flops import forward_flops_per_token, peak_flops  # noqa: E402
-from rdlm.optim import make_optimizer  # noqa: E402
+from rdlm.optim import make_optimizer, state_shardings  # noqa: E402
 from rdlm.params import (EMBEDDING, ROPE_BUFFER, TIED_HEAD, count_params, init_params, param_specs,  # noqa: E402
                          rope_buffer_shape, spec_at)
 
@@ -243,7 +243,7 @@ def topology_devices(name: str) -> list:
 
 
 def bench_memory(args, cfg, base, config) -> None:
-    from rdlm.sharding import activate, batch_sharding, describe, make_mesh, state_shardings
+    from rdlm.sharding import activate, batch_sharding, describe, make_mesh
     from rdlm.train import init_state, make_train_step
 
     if args.topology:

@@ -117,26 +117,26 @@ def test_variants_round_trip_through_the_hf_format(tmp_path):
 
 
 def test_own_injection_module_plugs_in():
-    """A researcher's injection: any module mapping (state, embedded) -> state."""
+    """A researcher's injection: any module mapping (state, embedded) -> state. The module call runs it, and
+    truncated backprop (`train_logits`) over the split state reaches its parameter."""
 
     class Scaled(nnx.Module):
-        def __init__(self, rngs: nnx.Rngs):
+        def __init__(self):
             self.alpha = nnx.Param(jnp.full((TINY.n_embd,), 0.5))
 
         def __call__(self, state, embedded):
             return state + self.alpha[...] * embedded
 
     m = rdlm.Huginn(TINY, rngs=nnx.Rngs(0))
-    m.adapter = Scaled(nnx.Rngs(0))
-    graphdef, state = nnx.split(m)
     ids = jnp.arange(8)[None]
+    linear = m(ids, num_steps=3)
+    m.adapter = Scaled()
+    own = m(ids, num_steps=3)
+    assert not np.allclose(own, linear)
+    graphdef, state = nnx.split(m)
 
     def loss(state):
-        mm = nnx.merge(graphdef, state)
-        mix = model.causal_mixer(model.rope_angles(jnp.arange(8)[None], TINY.head_dim, TINY.rope_base),
-                                 model.attention_mask(jnp.arange(8)[None], None))
-        return mm.apply(ids, 3, None, 1.0, jax.random.key(0), jnp.arange(8)[None], None)[0].mean() + 0 * mix(
-            0, mm.core[0].attn, jnp.zeros((1, 8, TINY.n_embd)))[0].sum()
+        return nnx.merge(graphdef, state).train_logits(ids, ids, jnp.ones_like(ids), 2, 2, jax.random.key(0)).mean()
 
     grads = jax.jit(jax.grad(loss))(state)
     assert float(jnp.abs(grads["adapter"]["alpha"][...]).sum()) > 0

@@ -34,6 +34,7 @@ CONFIG_FILE = "config.yml"
 PARAMS_DIR = "params"
 MANIFEST_FILE = "files.json"
 RESUME_SECTIONS = ("model", "data", "optim")  # what a resumed run must keep; train.* and mesh.* may change
+RESUME_FREE = {"model.attention"}  # compute choices inside those sections, free to change
 
 
 class CheckpointError(RdlmError, ValueError):
@@ -208,7 +209,8 @@ class TrainCheckpointer:
             return
         old, new = to_dict(before), to_dict(config)
         changed = [f"{section}.{key} ({old[section][key]!r} in the checkpoint, {value!r} now)"
-                   for section in RESUME_SECTIONS for key, value in new[section].items() if old[section][key] != value]
+                   for section in RESUME_SECTIONS for key, value in new[section].items()
+                   if old[section].get(key) != value and f"{section}.{key}" not in RESUME_FREE]
         if changed:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} was saved with different settings: {'; '.join(changed)}",

@@ -60,6 +60,8 @@ class ModelConfig:
     bias: bool = False  # bias of the adapter, as the official `config.bias`
     tie_embeddings: bool = True
     dtype: str = field(default="float32", metadata=_check(choices=("float32", "bfloat16")))  # compute
+    # Attention implementation (rdlm.attention): a compute choice, free to change on resume.
+    attention: str = field(default="auto", metadata=_check(choices=("auto", "xla", "chunked", "splash", "cudnn")))
     # How the embedded input enters each recurrence (official `injection_type`; huginn-0125: linear) and
     # how the latent starts (official `state_init`; huginn-0125: like-init). See rdlm.model.
     injection: str = field(default="linear", metadata=_check(choices=("linear", "ffn", "add", "gate", "none")))

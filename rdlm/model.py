@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rdlm.attention import causal_attention
 from rdlm.config import ModelConfig
 from rdlm.params import init_params, logical_axes
 from rdlm.sharding import constrain
@@ -58,26 +59,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
     return rotated.reshape(x.shape).astype(x.dtype)
-
-
-def attention_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """Scaled fp32 scores `[b,n,q,k]` of `q [b,q,n,d]` against `k [b,k,n,d]`, masked out where not `mask`."""
-    scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / np.sqrt(q.shape[-1])
-    return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention of `q [b,q,n,d]` over `k, v [b,k,n,d]` where `mask [b,1,q,k]`."""
-    probs = jax.nn.softmax(attention_scores(q, k, mask), axis=-1).astype(v.dtype)
-    return jnp.einsum("bnqk,bknd->bqnd", probs, v)
-
-
-def attention_mask(positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    """`[batch, 1, q, k]`: causal by position, and within one packed segment when ids are given."""
-    mask = positions[:, :, None] >= positions[:, None, :]
-    if segment_ids is not None:
-        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
-    return mask[:, None]
 
 
 # ---- layers ---------------------------------------------------------------------------------------
@@ -121,9 +102,11 @@ class Attention(nnx.Module):
 Mixer = Callable[[int, Attention, jax.Array], tuple[jax.Array, Any]]
 
 
-def causal_mixer(rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> Mixer:
-    """Plain self-attention over the sequence (training, the plain forward)."""
-    return lambda i, attn, h: (attn.out(attend(*attn.qkv(h, rope), mask)), None)
+def causal_mixer(rope: tuple[jax.Array, jax.Array], positions: jax.Array, segment_ids: jax.Array | None,
+                 implementation: str) -> Mixer:
+    """Plain self-attention over the sequence (training, the plain forward), by `model.attention`."""
+    return lambda i, attn, h: (attn.out(causal_attention(*attn.qkv(h, rope), positions, segment_ids,
+                                                         implementation)), None)
 
 
 class GatedMLP(nnx.Module):
@@ -291,8 +274,8 @@ class Huginn(nnx.Module):
     def apply(self, input_ids: jax.Array, num_steps: jax.Array, init_state: jax.Array | None, init_scale: jax.Array,
               rng: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """The forward with every argument explicit (traced): (fp32 logits, final latent after ln_f)."""
-        mix = causal_mixer(rope_angles(positions, self.config.head_dim, self.config.rope_base),
-                           attention_mask(positions, segment_ids))
+        cfg = self.config
+        mix = causal_mixer(rope_angles(positions, cfg.head_dim, cfg.rope_base), positions, segment_ids, cfg.attention)
         embedded, _ = self.run(self.prelude, self.embed(input_ids), mix)
         state = self.start(rng, embedded, init_scale) if init_state is None else init_state
         state = jax.lax.fori_loop(0, num_steps, lambda _, s: self.core_step(s, embedded, mix)[0],
@@ -311,7 +294,7 @@ class Huginn(nnx.Module):
         injected at each of the k steps, as in the official. Differentiable in this module's state.
         """
         cfg = self.config
-        mix = causal_mixer(rope_angles(positions, cfg.head_dim, cfg.rope_base), attention_mask(positions, segment_ids))
+        mix = causal_mixer(rope_angles(positions, cfg.head_dim, cfg.rope_base), positions, segment_ids, cfg.attention)
         embedded, _ = self.run(self.prelude, self.embed(input_ids), mix, remat=True)
         state = self.start(rng, embedded, jnp.float32(1.0))
         graphdef, weights = nnx.split(self)

@@ -132,6 +132,11 @@ def activate(mesh: Mesh, rules: RulesConfig) -> Iterator[None]:
         _ACTIVE.pop()
 
 
+def active() -> tuple[Mesh, RulesConfig] | None:
+    """The (mesh, rules) of the innermost `activate`, or None."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
     """`with_sharding_constraint` by logical axis names; identity when no mesh is active."""
     if not _ACTIVE:

@@ -19,7 +19,7 @@ def test_flops_agree_with_xla_cost_analysis():
     pos = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
 
     def one_step(params, ids, pos):
-        mix = model.causal_mixer(model.rope_angles(pos, cfg.head_dim, cfg.rope_base), model.attention_mask(pos, None))
+        mix = model.causal_mixer(model.rope_angles(pos, cfg.head_dim, cfg.rope_base), pos, None, "xla")
         m = model.merge(params, cfg)
         e, _ = m.run(m.prelude, m.embed(ids), mix)
         return m.readout(m.core_step(jnp.zeros_like(e), e, mix)[0], mix)[:2]

@@ -39,7 +39,7 @@ def test_sampler_is_a_function_of_the_key_and_fixed_is_fixed():
 
 def _unrolled(params, ids, pos, seg, n, k, rng, cfg):
     """Reference: plain Python loops, stop_gradient around the n steps."""
-    mix = model.causal_mixer(model.rope_angles(pos, cfg.head_dim, cfg.rope_base), model.attention_mask(pos, seg))
+    mix = model.causal_mixer(model.rope_angles(pos, cfg.head_dim, cfg.rope_base), pos, seg, "xla")
     m, frozen = model.merge(params, cfg), model.merge(jax.lax.stop_gradient(params), cfg)
     e, _ = m.run(m.prelude, m.embed(ids), mix)
     s = m.start(rng, e, jnp.float32(1.0))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from rdlm import model
+from rdlm.attention import attention_scores, causal_attention
 from rdlm.config import ModelConfig
 from rdlm.sharding import constrain
 
@@ -105,22 +106,26 @@ def core_lookup(strategy: str, t: jax.Array, steps: jax.Array, past: jax.Array,
 def _attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, new_mask: jax.Array, past_kv: jax.Array,
                    past_mask: jax.Array) -> jax.Array:
     """One softmax over the valid cached positions and the new tokens, without concatenating keys/values."""
-    past_scores = model.attention_scores(q, past_kv[:, :, 0], past_mask[:, None, None, :])
-    scores = jnp.concatenate([past_scores, model.attention_scores(q, k, new_mask)], axis=-1)
+    past_scores = attention_scores(q, past_kv[:, :, 0], past_mask[:, None, None, :])
+    scores = jnp.concatenate([past_scores, attention_scores(q, k, new_mask)], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     T = past_scores.shape[-1]
     return (jnp.einsum("bnqk,bknd->bqnd", probs[..., :T], past_kv[:, :, 1])
             + jnp.einsum("bnqk,bknd->bqnd", probs[..., T:], v))
 
 
-def cached_mixer(rope: tuple[jax.Array, jax.Array], new_mask: jax.Array,
-                 past_kv: Callable[[int], jax.Array | None], past_mask: jax.Array) -> model.Mixer:
+def cached_mixer(rope: tuple[jax.Array, jax.Array], positions: jax.Array, new_mask: jax.Array,
+                 past_kv: Callable[[int], jax.Array | None], past_mask: jax.Array, implementation: str) -> model.Mixer:
     """The token mixer of cached layers: attention of the new tokens over (layer i's valid cached positions,
-    `past_kv(i)` or None when nothing is cached; the new tokens themselves). Its aux output is the new
+    `past_kv(i)`; the new tokens themselves). With nothing cached (`past_kv(i)` is None: prefill), the new
+    tokens' causal self-attention by `implementation` (`model.attention`). Its aux output is the new
     tokens' keys and values `[b, L, 2, h, d]`, for the caller to write."""
     def mix(i, attn, h):
         q, k, v = attn.qkv(h, rope)
         cached = past_kv(i)
-        y = model.attend(q, k, v, new_mask) if cached is None else _attend_cached(q, k, v, new_mask, cached, past_mask)
+        if cached is None:
+            y = causal_attention(q, k, v, positions, None, implementation)
+        else:
+            y = _attend_cached(q, k, v, new_mask, cached, past_mask)
         return attn.out(y), jnp.stack([k, v], axis=2)
     return mix

@@ -133,7 +133,8 @@ def forward_tokens(params: Params, cache: KVCache, new: NewTokens, knobs: Knobs,
         return jnp.stack([kv.astype(like.dtype) for kv in kvs])
 
     def mixer(kv_cache: jax.Array) -> model.Mixer:
-        return cached_mixer(rope, new_mask, lambda i: kv_cache[i] if p.has_past else None, past)
+        return cached_mixer(rope, positions, new_mask, lambda i: kv_cache[i] if p.has_past else None, past,
+                            cfg.attention)
 
     def write(kv_cache, kvs, live):
         """One scatter per layer group (the cache is read-only while the tokens compute, so XLA updates it
@@ -160,7 +161,8 @@ def forward_tokens(params: Params, cache: KVCache, new: NewTokens, knobs: Knobs,
                 return cache.core[slot_idx, i, rows, jnp.arange(T)[None]]
             return cache.core[slot_idx, i]
 
-        x, kvs = m.core_step(state, embedded, cached_mixer(rope, new_mask, past_kv, past & exists))
+        x, kvs = m.core_step(state, embedded, cached_mixer(rope, positions, new_mask, past_kv, past & exists,
+                                                           cfg.attention))
         w_slot = write_slot(p.strategy, t, slots)
         kvs = jnp.where(running[None, :, None, None, None, None], stacked(kvs, fresh), fresh[w_slot])
         return x, fresh.at[w_slot].set(kvs)

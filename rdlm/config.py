@@ -206,6 +206,10 @@ class TrainConfig:
     # mean_recurrence steps, of which the last mean_backprop_depth get gradients.
     recurrence: str = field(default="poisson-lognormal", metadata=_check(choices=("poisson-lognormal", "fixed")))
     param_dtype: str = field(default="float32", metadata=_check(choices=("float32", "bfloat16")))  # master weights
+    # What each grad step of the recurrence keeps for the backward (rdlm.model.REMAT_POLICIES): full keeps
+    # only its input latent; projections also the named matmul outputs; dots every matmul without batch
+    # dimensions; none everything.
+    remat: str = field(default="full", metadata=_check(choices=("full", "projections", "dots", "none")))
     nonfinite: str = field(default="stop", metadata=_check(choices=("stop", "skip")))
     max_nonfinite_steps: int = field(default=20, metadata=_check(ge=1))  # consecutive skipped steps that end a run
     log_every: int = field(default=10, metadata=_check(ge=1))

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from rdlm.attention import causal_attention
 from rdlm.config import ModelConfig
@@ -87,7 +88,7 @@ class Attention(nnx.Module):
 
     def qkv(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries, keys, values `[batch, seq, heads, head_dim]`, RoPE applied to queries and keys."""
-        qkv = jnp.einsum("bse,ecnd->bscnd", x, self.wqkv[...].astype(x.dtype))
+        qkv = checkpoint_name(jnp.einsum("bse,ecnd->bscnd", x, self.wqkv[...].astype(x.dtype)), "qkv")
         if self.qk_bias is not None:
             qkv = qkv.at[:, :, :2].add(self.qk_bias[...].astype(x.dtype))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -95,7 +96,7 @@ class Attention(nnx.Module):
 
     def out(self, y: jax.Array) -> jax.Array:
         """Heads `[b,s,n,d]` back to the residual stream."""
-        return jnp.einsum("bqnd,nde->bqe", y, self.proj[...].astype(y.dtype))
+        return checkpoint_name(jnp.einsum("bqnd,nde->bqe", y, self.proj[...].astype(y.dtype)), "attn_out")
 
 
 # A token mixer: (layer index within its stack, the layer's attention, normed x) -> (output, aux).
@@ -116,8 +117,9 @@ class GatedMLP(nnx.Module):
         self.fc, self.proj = _param(p["fc"], axes["fc"]), _param(p["proj"], axes["proj"])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jnp.einsum("bse,egi->bsgi", x, self.fc[...].astype(x.dtype))
-        return jnp.einsum("bsi,ie->bse", jax.nn.silu(h[:, :, 0]) * h[:, :, 1], self.proj[...].astype(x.dtype))
+        h = checkpoint_name(jnp.einsum("bse,egi->bsgi", x, self.fc[...].astype(x.dtype)), "mlp_fc")
+        return checkpoint_name(jnp.einsum("bsi,ie->bse", jax.nn.silu(h[:, :, 0]) * h[:, :, 1],
+                                          self.proj[...].astype(x.dtype)), "mlp_out")
 
 
 class SandwichBlock(nnx.Module):
@@ -190,6 +192,15 @@ def initial_state(rng: jax.Array, shape: tuple[int, ...], cfg: ModelConfig, init
         std = {"normal": 1.0, "embed": 1 / np.sqrt(shape[-1]), "zero": 0.0}[kind]
         x = jax.random.normal(rng, shape, jnp.float32) * std
     return (x * init_scale).astype(cfg.dtype)
+
+
+# What a grad step of the recurrence saves for its backward (`train.remat`); None: no checkpoint at all.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the step's input latent (least memory)
+    "projections": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_fc", "mlp_out"),
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "none": None,
+}
 
 
 # ---- the recurrent-depth model -------------------------------------------------------------------
@@ -284,13 +295,13 @@ class Huginn(nnx.Module):
         return logits, latent
 
     def train_logits(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, n: jax.Array,
-                     k: jax.Array, rng: jax.Array) -> jax.Array:
+                     k: jax.Array, rng: jax.Array, remat: str = "full") -> jax.Array:
         """fp32 logits after n recurrences without gradient and k with it (k <= mean_backprop_depth).
 
         The n steps run in a `fori_loop` on stop-gradient inputs (n is traced: no recompiles, no
         activations kept). The k steps run in a `scan` of static length mean_backprop_depth, each under
-        `jax.checkpoint` and skipped (`cond`) past k: activation memory is one latent per step (prelude and
-        coda blocks are rematerialised too). Gradients reach the prelude through the embedded input
+        `jax.checkpoint` by the `remat` policy (`REMAT_POLICIES`; `full`: one latent per step) and skipped
+        (`cond`) past k (prelude and coda blocks are rematerialised too). Gradients reach the prelude through the embedded input
         injected at each of the k steps, as in the official. Differentiable in this module's state.
         """
         cfg = self.config
@@ -302,9 +313,11 @@ class Huginn(nnx.Module):
         state = jax.lax.fori_loop(0, n, lambda _, s: frozen.core_step(s, frozen_embedded, mix)[0], state)
         state = jax.lax.stop_gradient(state)
 
-        @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
         def step(s, e):
             return self.core_step(s, e, mix)[0]
+
+        if REMAT_POLICIES[remat] is not None:
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
 
         def body(s, i):
             return jax.lax.cond(i < k, lambda s: step(s, embedded), lambda s: s, s), None
@@ -441,6 +454,6 @@ def sample_recurrence(key: jax.Array, cfg: ModelConfig, scheme: str = "poisson-l
 
 
 def forward_train(params: Params, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                  n: jax.Array, k: jax.Array, rng: jax.Array, cfg: ModelConfig) -> jax.Array:
+                  n: jax.Array, k: jax.Array, rng: jax.Array, cfg: ModelConfig, remat: str = "full") -> jax.Array:
     """`Huginn.train_logits` of the model over a plain parameter pytree (what the train step differentiates)."""
-    return merge(params, cfg).train_logits(input_ids, positions, segment_ids, n, k, rng)
+    return merge(params, cfg).train_logits(input_ids, positions, segment_ids, n, k, rng, remat)

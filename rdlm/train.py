@@ -59,8 +59,9 @@ def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[j
     return jnp.sum((logz - gold) * m), jnp.sum(m)
 
 
-def _loss(params, batch: Batch, n, k, rng, cfg: ModelConfig):
-    logits = model.forward_train(params, batch["inputs"], batch["positions"], batch["segment_ids"], n, k, rng, cfg)
+def _loss(params, batch: Batch, n, k, rng, cfg: ModelConfig, remat: str):
+    logits = model.forward_train(params, batch["inputs"], batch["positions"], batch["segment_ids"], n, k, rng, cfg,
+                                 remat)
     return token_nll(logits, batch["targets"], batch["loss_mask"])
 
 
@@ -82,7 +83,7 @@ def loss_and_grads(params, batch: Batch, n, k, key, config: Config):
     def accumulate(carry, xs):
         grads, loss, tokens = carry
         mb, i = xs
-        (l, t), g = grad_fn(params, mb, n, k, jax.random.fold_in(key, i), config.model)
+        (l, t), g = grad_fn(params, mb, n, k, jax.random.fold_in(key, i), config.model, config.train.remat)
         return (constrain_params(jax.tree.map(jnp.add, grads, g), config.model), loss + l, tokens + t), None
 
     zeros = constrain_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), config.model)

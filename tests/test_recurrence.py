@@ -88,3 +88,26 @@ def test_activation_memory_does_not_grow_with_mean_recurrence():
     deeper_backprop = _temp_bytes(dataclasses.replace(TINY, mean_recurrence=64, mean_backprop_depth=16))
     assert abs(large - small) <= 0.1 * small
     assert deeper_backprop > small  # what does grow: the k_max latents kept for the backward pass
+
+
+def test_remat_policies_give_the_same_gradients_and_trade_memory():
+    """`train.remat`: every policy computes the same gradients; keeping more (none) costs more temporaries
+    than recomputing (full)."""
+    params = init_params(TINY, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY.vocab_size)
+
+    def grads(remat):
+        def loss(p):
+            return model.forward_train(p, ids, ids, ids, jnp.int32(2), jnp.int32(4), jax.random.key(3), TINY,
+                                       remat).mean()
+        fn = jax.jit(jax.grad(loss))
+        temp = fn.lower(params).compile().memory_analysis().temp_size_in_bytes
+        return fn(params), temp
+
+    full, full_temp = grads("full")
+    for remat in ("projections", "dots", "none"):
+        other, temp = grads(remat)
+        for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(full), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        if remat == "none":
+            assert temp > full_temp

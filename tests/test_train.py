@@ -126,7 +126,7 @@ def test_gradient_accumulation_equals_one_large_batch():
     assert float(loss1) == pytest.approx(float(loss2), rel=2e-2)  # rows see different initial-state noise
     # the token-weighted normalisation: the accumulated loss is the mean over all target tokens
     nll = [train_mod._loss(params, jax.tree.map(lambda x, i=i: x[i::4], batch), 0, 0, jax.random.fold_in(
-        jax.random.key(1), i), two.model) for i in range(4)]
+        jax.random.key(1), i), two.model, two.train.remat) for i in range(4)]
     assert float(loss2) == pytest.approx(sum(float(s) for s, _ in nll) / sum(float(c) for _, c in nll), rel=1e-6)
 
 

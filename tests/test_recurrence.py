@@ -100,9 +100,8 @@ def test_remat_policies_give_the_same_gradients_and_trade_memory():
         def loss(p):
             return model.forward_train(p, ids, ids, ids, jnp.int32(2), jnp.int32(4), jax.random.key(3), TINY,
                                        remat).mean()
-        fn = jax.jit(jax.grad(loss))
-        temp = fn.lower(params).compile().memory_analysis().temp_size_in_bytes
-        return fn(params), temp
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        return compiled(params), compiled.memory_analysis().temp_size_in_bytes
 
     full, full_temp = grads("full")
     for remat in ("projections", "dots", "none"):

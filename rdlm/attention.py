@@ -10,7 +10,8 @@
   runs in `shard_map` (batch over the batch rule's axes, heads over the heads rule's); on CPU it runs in
   Pallas interpret mode (tests; slow).
 - `cudnn`: fused flash attention on NVIDIA GPUs (`jax.nn.dot_product_attention(implementation="cudnn")`).
-- `auto`: `splash` on TPU, `cudnn` on GPU, and on CPU `xla` up to `CHUNKED_FROM` positions, else `chunked`.
+- `auto`: `splash` on TPU, `cudnn` on GPU (bf16 compute; fp32 as on CPU), and otherwise `xla` below
+  `CHUNKED_FROM` positions, else `chunked`.
 
 All take `q, k, v [batch, seq, heads, head_dim]` and return `[batch, seq, heads, head_dim]`. The kernels
 mask causally by index within each segment (packed documents: positions restart at each segment start,
@@ -56,14 +57,15 @@ def attention_mask(positions: jax.Array, segment_ids: jax.Array | None) -> jax.A
     return mask[:, None]
 
 
-def resolve(implementation: str, seq: int) -> str:
-    """The implementation `auto` stands for on this backend and length (others as given)."""
+def resolve(implementation: str, seq: int, dtype: jnp.dtype) -> str:
+    """The implementation `auto` stands for on this backend, length and dtype (others as given); cudnn's
+    fused attention takes only 16-bit inputs."""
     if implementation != "auto":
         return implementation
     backend = jax.default_backend()
     if backend == "tpu":
         return "splash"
-    if backend == "gpu":
+    if backend == "gpu" and jnp.dtype(dtype).itemsize == 2:
         return "cudnn"
     return "chunked" if seq >= CHUNKED_FROM else "xla"
 
@@ -71,7 +73,7 @@ def resolve(implementation: str, seq: int) -> str:
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                      implementation: str) -> jax.Array:
     """Self-attention of a sequence over itself by `implementation` (one of `IMPLEMENTATIONS`)."""
-    impl = resolve(implementation, q.shape[1])
+    impl = resolve(implementation, q.shape[1], q.dtype)
     if impl == "xla":
         return attend(q, k, v, attention_mask(positions, segment_ids))
     segments = jnp.zeros(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)

@@ -85,12 +85,14 @@ def test_official_parity_through_each(official, impl, monkeypatch):
     assert rel_l2(run(params), expected["logits_zero_4"]) <= 1e-5
 
 
-def test_auto_by_backend_and_length(monkeypatch):
-    assert attention.resolve("auto", 512) == "xla" and attention.resolve("auto", 4096) == "chunked"  # CPU
+def test_auto_by_backend_length_and_dtype(monkeypatch):
+    bf16, fp32 = jnp.bfloat16, jnp.float32
+    assert attention.resolve("auto", 512, bf16) == "xla" and attention.resolve("auto", 4096, fp32) == "chunked"  # CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert attention.resolve("auto", 512) == "splash"
+    assert attention.resolve("auto", 512, fp32) == "splash"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert attention.resolve("auto", 512) == "cudnn" and attention.resolve("chunked", 512) == "chunked"
+    assert attention.resolve("auto", 512, bf16) == "cudnn" and attention.resolve("chunked", 512, bf16) == "chunked"
+    assert attention.resolve("auto", 512, fp32) == "xla"  # cudnn's fused attention takes 16-bit inputs only
 
 
 def test_chunked_memory_does_not_grow_with_the_square():

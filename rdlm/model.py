@@ -5,8 +5,8 @@ Read top to bottom:  tokens -> embedding (x sqrt(n_embd)) -> prelude -> e
                       s_i = core(adapter(s_{i-1}, e))   for i = 1 .. num_steps   (lax.fori_loop)
                       ln_f(s_r) -> coda -> ln_f -> tied lm head -> logits
 Every block is a SandwichBlock (a norm before and after both attention and MLP). The blocks take a
-*token mixer*, `mix(attention, normed x) -> (output, aux)`: plain causal attention here, cached
-attention in generation (`rdlm.generate`), so the prelude -> recurrence -> coda sequence is written
+*token mixer*, `mix(layer, attention, normed x) -> (output, aux)`: plain causal attention here, cached
+attention in generation (`rdlm.inference`), so the prelude -> recurrence -> coda sequence is written
 once, in `Huginn`. Every `nnx.Param` comes from the parameter table (`rdlm.params`: shape, logical
 axes, official name, init) and carries its logical axes as sharding metadata.
 

@@ -91,6 +91,34 @@ def _pad(x: jax.Array, length: int, value: int = 0) -> jax.Array:
     return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=value)
 
 
+# The online softmax (flash attention's): keys and values folded in one block at a time into a running
+# (max score, sum of exponentials, fp32 output `[b, n, q, d]`), never the whole score row.
+Softmax = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def softmax_init(b: int, q: int, n: int, d: int) -> Softmax:
+    """The running softmax of `q` queries before any key."""
+    return jnp.full((b, n, q), jnp.finfo(jnp.float32).min), jnp.zeros((b, n, q)), jnp.zeros((b, n, q, d))
+
+
+def softmax_update(carry: Softmax, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> Softmax:
+    """Fold in the keys/values `k, v [b, k, n, d]` that `q [b, q, n, d]` sees where `mask [b|1, 1, q, k]`."""
+    top, total, acc = carry
+    scores = attention_scores(q, k, mask)
+    new_top = jnp.maximum(top, scores.max(-1))
+    probs = jnp.where(mask, jnp.exp(scores - new_top[..., None]), 0.0)
+    scale = jnp.exp(top - new_top)
+    acc = acc * scale[..., None] + jnp.einsum("bnqk,bknd->bnqd", probs.astype(v.dtype), v,
+                                              preferred_element_type=jnp.float32)
+    return new_top, total * scale + probs.sum(-1), acc
+
+
+def softmax_result(carry: Softmax, dtype: jnp.dtype) -> jax.Array:
+    """The attention output `[b, q, n, d]` of a finished running softmax."""
+    _, total, acc = carry
+    return (acc / total[..., None]).astype(dtype).transpose(0, 2, 1, 3)
+
+
 def chunked(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, block: int | None = None) -> jax.Array:
     """Flash attention in XLA: for each query block, an online softmax over the key blocks at or below the
     diagonal (`cond` skips the rest). Padding positions get segment -1: no real token sees them."""
@@ -109,21 +137,12 @@ def chunked(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, block
         def key_block(carry, j):
             @jax.checkpoint  # the backward keeps the running (max, sum, output), not every block's scores
             def update(carry):
-                top, total, acc = carry
-                scores = jnp.einsum("bqnd,bknd->bnqk", qi, k[:, j], preferred_element_type=jnp.float32) / np.sqrt(d)
                 mask = ((i * B + local)[:, None] >= (j * B + local)[None, :]) & (si[:, :, None] == seg[:, j][:, None])
-                scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-                new_top = jnp.maximum(top, scores.max(-1))
-                probs = jnp.where(mask[:, None], jnp.exp(scores - new_top[..., None]), 0.0)
-                scale = jnp.exp(top - new_top)
-                acc = acc * scale[..., None] + jnp.einsum("bnqk,bknd->bnqd", probs.astype(v.dtype), v[:, j],
-                                                          preferred_element_type=jnp.float32)
-                return new_top, total * scale + probs.sum(-1), acc
+                return softmax_update(carry, qi, k[:, j], v[:, j], mask[:, None])
             return jax.lax.cond(j <= i, update, lambda c: c, carry), None
 
-        init = (jnp.full((b, n, B), jnp.finfo(jnp.float32).min), jnp.zeros((b, n, B)), jnp.zeros((b, n, B, d)))
-        (_, total, acc), _ = jax.lax.scan(key_block, init, jnp.arange(nb))
-        return (acc / total[..., None]).astype(v.dtype).transpose(0, 2, 1, 3)  # [b, B, n, d]
+        carry, _ = jax.lax.scan(key_block, softmax_init(b, B, n, d), jnp.arange(nb))
+        return softmax_result(carry, v.dtype)
 
     out = jax.lax.map(query_block, jnp.arange(nb))  # [nb, b, B, n, d]
     return out.transpose(1, 0, 2, 3, 4).reshape(b, Tp, n, d)[:, :T]

@@ -194,12 +194,12 @@ def initial_state(rng: jax.Array, shape: tuple[int, ...], cfg: ModelConfig, init
     return (x * init_scale).astype(cfg.dtype)
 
 
-# What a grad step of the recurrence saves for its backward (`train.remat`); None: no checkpoint at all.
-REMAT_POLICIES: dict[str, Callable | None] = {
+# What a grad step of the recurrence saves for its backward (`train.remat`).
+REMAT_POLICIES: dict[str, Callable] = {
     "full": jax.checkpoint_policies.nothing_saveable,  # only the step's input latent (least memory)
     "projections": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_fc", "mlp_out"),
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "none": None,
+    "none": jax.checkpoint_policies.everything_saveable,  # every activation (most memory, no recompute)
 }
 
 
@@ -313,16 +313,13 @@ class Huginn(nnx.Module):
         state = jax.lax.fori_loop(0, n, lambda _, s: frozen.core_step(s, frozen_embedded, mix)[0], state)
         state = jax.lax.stop_gradient(state)
 
-        def step(s, e):
-            return self.core_step(s, e, mix)[0]
+        # The cond sits inside the checkpoint: a cond's residuals are per-step scan outputs, so one outside
+        # it would stack a copy of the core weights per grad step; the checkpoint's inputs are loop-invariant.
+        @functools.partial(jax.checkpoint, policy=REMAT_POLICIES[remat])
+        def step(s, i):
+            return jax.lax.cond(i < k, lambda s: self.core_step(s, embedded, mix)[0], lambda s: s, s), None
 
-        if REMAT_POLICIES[remat] is not None:
-            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
-
-        def body(s, i):
-            return jax.lax.cond(i < k, lambda s: step(s, embedded), lambda s: s, s), None
-
-        state, _ = jax.lax.scan(body, state, jnp.arange(cfg.mean_backprop_depth))
+        state, _ = jax.lax.scan(step, state, jnp.arange(cfg.mean_backprop_depth))
         return self.readout(state, mix, remat=True)[0]
 
     def __call__(self, input_ids: Any, num_steps: int | jax.Array, *, init_state: jax.Array | None = None,

@@ -103,3 +103,26 @@ def test_chunked_memory_does_not_grow_with_the_square():
         return grad.lower(impl, q, k, v, pos, seg).compile().memory_analysis().temp_size_in_bytes
     assert temp("xla", 4096) / temp("xla", 1024) > 8
     assert temp("chunked", 4096) / temp("chunked", 1024) < 3
+
+
+@pytest.mark.parametrize("filled, T", [(250, 300), (300, 300), (5, 300)])
+def test_decode_reads_only_the_filled_blocks(filled, T):
+    """Cached attention of 2 new tokens equals a dense softmax over (each row's cached positions, the new
+    tokens), reading 64 positions at a time up to the longest row: entries past the last filled block are
+    NaN here, and never read (300 is no multiple of 64: the last block overlaps the one before)."""
+    from rdlm.inference.cache import _attend_cached
+
+    b, L, n, d, C = 2, 2, 4, 16, 64
+    q, k, v = (jax.random.normal(key, (b, L, n, d)) for key in jax.random.split(jax.random.key(0), 3))
+    past = jax.random.normal(jax.random.key(1), (b, T, 2, n, d))
+    lengths = jnp.asarray([filled, min(37, filled)])
+    past_mask = jnp.arange(T)[None] < lengths[:, None]
+    read_to = min(-(-filled // C) * C, T)
+    poisoned = past.at[:, read_to:].set(jnp.nan)
+    new_mask = jnp.tril(jnp.ones((L, L), bool))[None, None]
+    out = _attend_cached(q, k, v, new_mask, lambda start, size: jax.lax.dynamic_slice_in_dim(poisoned, start, size, 1),
+                         past_mask, jnp.max(lengths), C)
+    mask = jnp.concatenate([jnp.broadcast_to(past_mask[:, None, None, :], (b, 1, L, T)),
+                            jnp.broadcast_to(new_mask, (b, 1, L, L))], axis=-1)
+    ref = attention.attend(q, jnp.concatenate([past[:, :, 0], k], 1), jnp.concatenate([past[:, :, 1], v], 1), mask)
+    np.testing.assert_allclose(out, ref, atol=2e-6)

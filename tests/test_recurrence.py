@@ -72,9 +72,9 @@ def test_truncated_backprop_gradients_equal_unrolled_reference():
     assert float(jnp.abs(zero_k["core"][0]["mlp"]["fc"]).max()) == 0  # core gets no gradient without grad steps
 
 
-def _temp_bytes(cfg):
+def _temp_bytes(cfg, shape=(2, 32)):
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    ids = jax.ShapeDtypeStruct((2, 32), jnp.int32)
+    ids = jax.ShapeDtypeStruct(shape, jnp.int32)
 
     def loss(p, ids, n, k):
         return model.forward_train(p, ids, ids, ids, n, k, jax.random.key(0), cfg).mean()
@@ -88,6 +88,16 @@ def test_activation_memory_does_not_grow_with_mean_recurrence():
     deeper_backprop = _temp_bytes(dataclasses.replace(TINY, mean_recurrence=64, mean_backprop_depth=16))
     assert abs(large - small) <= 0.1 * small
     assert deeper_backprop > small  # what does grow: the k_max latents kept for the backward pass
+
+
+def test_grad_steps_keep_no_copy_of_the_core_weights():
+    """A skipped grad step (`cond`) must not make the scan keep the core weights per step: with weights far
+    larger than the activations, 12 more grad steps add less than one copy of the core."""
+    wide = dataclasses.replace(TINY, n_embd=256, n_heads=4, intermediate_size=1024)
+    core_bytes = 4 * sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: init_params(wide, jax.random.key(0)))["core"]))
+    grow = (_temp_bytes(dataclasses.replace(wide, mean_backprop_depth=16), (1, 8))
+            - _temp_bytes(dataclasses.replace(wide, mean_backprop_depth=4), (1, 8)))
+    assert grow < core_bytes / 2, (grow, core_bytes)
 
 
 def test_remat_policies_give_the_same_gradients_and_trade_memory():

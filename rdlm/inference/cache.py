@@ -9,6 +9,7 @@ official lookup strategies) says what later tokens attend to instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from rdlm import model
-from rdlm.attention import attention_scores, causal_attention
+from rdlm.attention import causal_attention, softmax_init, softmax_result, softmax_update
 from rdlm.config import ModelConfig
 from rdlm.sharding import constrain
 
@@ -27,6 +28,7 @@ from rdlm.sharding import constrain
 # at another step (official names: huginn's core has 4 layers, here it is any core depth).
 STRATEGIES = ("full", "skip", "latest-m4", "available-m4", "always-last-m4", "compress-s<n>", "compress-anchor")
 ANCHOR_STEPS = 8  # compress-anchor keeps the first 8 recurrences, then shares one slot (official)
+DECODE_BLOCK = 256  # cached positions a new token reads at a time
 KV_AXES = ("batch", "length", None, "heads", "head_dim")  # logical axes of one layer's cache
 
 
@@ -103,29 +105,43 @@ def core_lookup(strategy: str, t: jax.Array, steps: jax.Array, past: jax.Array,
     return slot, steps > slot
 
 
-def _attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, new_mask: jax.Array, past_kv: jax.Array,
-                   past_mask: jax.Array) -> jax.Array:
-    """One softmax over the valid cached positions and the new tokens, without concatenating keys/values."""
-    past_scores = attention_scores(q, past_kv[:, :, 0], past_mask[:, None, None, :])
-    scores = jnp.concatenate([past_scores, attention_scores(q, k, new_mask)], axis=-1)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    T = past_scores.shape[-1]
-    return (jnp.einsum("bnqk,bknd->bqnd", probs[..., :T], past_kv[:, :, 1])
-            + jnp.einsum("bnqk,bknd->bqnd", probs[..., T:], v))
+# What a layer reads of its cache: `read(i, start, size)` -> layer i's entries at positions
+# start..start+size-1, `[b, size, 2, h, d]`.
+CacheReader = Callable[[int, jax.Array, int], jax.Array]
+
+
+def _attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, new_mask: jax.Array, past: Callable[[jax.Array, int], jax.Array],
+                   past_mask: jax.Array, filled: jax.Array, block: int) -> jax.Array:
+    """One online softmax over the new tokens and the cached positions below `filled`, read `block` at a
+    time (a `fori_loop` to the last filled block: never the empty rest of the static-length cache)."""
+    b, L, n, d = q.shape
+    T = past_mask.shape[1]
+    C = min(block, T)
+
+    def read(j, carry):
+        start = jnp.minimum(j * C, T - C)  # a last block past T overlaps the one before: mask its repeats
+        kv = past(start, C)
+        pos = start + jnp.arange(C)
+        mask = jax.lax.dynamic_slice_in_dim(past_mask, start, C, axis=1) & (pos >= j * C)
+        return softmax_update(carry, q, kv[:, :, 0], kv[:, :, 1], mask[:, None, None, :])
+
+    carry = softmax_update(softmax_init(b, L, n, d), q, k, v, new_mask)
+    return softmax_result(jax.lax.fori_loop(0, -(-filled // C), read, carry), v.dtype)
 
 
 def cached_mixer(rope: tuple[jax.Array, jax.Array], positions: jax.Array, new_mask: jax.Array,
-                 past_kv: Callable[[int], jax.Array | None], past_mask: jax.Array, implementation: str) -> model.Mixer:
+                 read: CacheReader | None, past_mask: jax.Array, filled: jax.Array, implementation: str,
+                 block: int = DECODE_BLOCK) -> model.Mixer:
     """The token mixer of cached layers: attention of the new tokens over (layer i's valid cached positions,
-    `past_kv(i)`; the new tokens themselves). With nothing cached (`past_kv(i)` is None: prefill), the new
-    tokens' causal self-attention by `implementation` (`model.attention`). Its aux output is the new
-    tokens' keys and values `[b, L, 2, h, d]`, for the caller to write."""
+    read from the cache by `read` up to `filled`, the longest row's length; the new tokens themselves).
+    With no cache to read (`read` is None: prefill), the new tokens' causal self-attention by
+    `implementation` (`model.attention`). Its aux output is the new tokens' keys and values
+    `[b, L, 2, h, d]`, for the caller to write."""
     def mix(i, attn, h):
         q, k, v = attn.qkv(h, rope)
-        cached = past_kv(i)
-        if cached is None:
+        if read is None:
             y = causal_attention(q, k, v, positions, None, implementation)
         else:
-            y = _attend_cached(q, k, v, new_mask, cached, past_mask)
+            y = _attend_cached(q, k, v, new_mask, functools.partial(read, i), past_mask, filled, block)
         return attn.out(y), jnp.stack([k, v], axis=2)
     return mix

@@ -24,7 +24,7 @@ from flax import struct
 
 from rdlm import model
 from rdlm.config import ModelConfig
-from rdlm.inference.cache import KVCache, cache_slots, cached_mixer, core_lookup, init_cache, write_slot
+from rdlm.inference.cache import CacheReader, KVCache, cache_slots, cached_mixer, core_lookup, init_cache, write_slot
 from rdlm.inference.criteria import CRITERIA
 from rdlm.inference.sampling import Sampling, sample_token
 
@@ -132,9 +132,16 @@ def forward_tokens(params: Params, cache: KVCache, new: NewTokens, knobs: Knobs,
             return jnp.zeros((0, b, L, *like.shape[-3:]), like.dtype)
         return jnp.stack([kv.astype(like.dtype) for kv in kvs])
 
+    filled = jnp.max(cache.length)
+
+    def layers(kv_cache: jax.Array) -> CacheReader | None:
+        """Reads of a prelude or coda cache `[n_layers, b, T, 2, h, d]` (none in a prefill)."""
+        if not p.has_past:
+            return None
+        return lambda i, start, size: jax.lax.dynamic_slice_in_dim(kv_cache[i], start, size, axis=1)
+
     def mixer(kv_cache: jax.Array) -> model.Mixer:
-        return cached_mixer(rope, positions, new_mask, lambda i: kv_cache[i] if p.has_past else None, past,
-                            cfg.attention)
+        return cached_mixer(rope, positions, new_mask, layers(kv_cache), past, filled, cfg.attention)
 
     def write(kv_cache, kvs, live):
         """One scatter per layer group (the cache is read-only while the tokens compute, so XLA updates it
@@ -154,15 +161,14 @@ def forward_tokens(params: Params, cache: KVCache, new: NewTokens, knobs: Knobs,
         """One recurrence; the new keys/values go to `fresh` (rows still running)."""
         slot_idx, exists = core_lookup(p.strategy, t, cache.steps, past, slots)
 
-        def past_kv(i: int) -> jax.Array | None:
-            if not p.has_past:
-                return None
+        def read(i: int, start: jax.Array, size: int) -> jax.Array:
+            at = start + jnp.arange(size)
             if jnp.ndim(slot_idx) == 2:  # a slot per position
-                return cache.core[slot_idx, i, rows, jnp.arange(T)[None]]
-            return cache.core[slot_idx, i]
+                return cache.core[slot_idx[:, at], i, rows, at[None]]
+            return jax.lax.dynamic_slice_in_dim(cache.core[slot_idx, i], start, size, axis=1)
 
-        x, kvs = m.core_step(state, embedded, cached_mixer(rope, positions, new_mask, past_kv, past & exists,
-                                                           cfg.attention))
+        x, kvs = m.core_step(state, embedded, cached_mixer(rope, positions, new_mask, read if p.has_past else None,
+                                                           past & exists, filled, cfg.attention))
         w_slot = write_slot(p.strategy, t, slots)
         kvs = jnp.where(running[None, :, None, None, None, None], stacked(kvs, fresh), fresh[w_slot])
         return x, fresh.at[w_slot].set(kvs)

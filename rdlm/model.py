@@ -20,7 +20,7 @@ pairs in fp32, qk bias before RoPE).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -194,12 +194,21 @@ def initial_state(rng: jax.Array, shape: tuple[int, ...], cfg: ModelConfig, init
     return (x * init_scale).astype(cfg.dtype)
 
 
-# What a grad step of the recurrence saves for its backward (`train.remat`).
-REMAT_POLICIES: dict[str, Callable] = {
-    "full": jax.checkpoint_policies.nothing_saveable,  # only the step's input latent (least memory)
-    "projections": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_fc", "mlp_out"),
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "none": jax.checkpoint_policies.everything_saveable,  # every activation (most memory, no recompute)
+class Remat(NamedTuple):
+    """What a grad step of the recurrence keeps for its backward: `step`, the checkpoint policy of the
+    whole step; `layers`, whether each core layer is also checkpointed alone (its backward then holds one
+    layer's activations at a time, not the step's)."""
+    step: Callable
+    layers: bool = False
+
+
+REMAT_POLICIES: dict[str, Remat] = {  # `train.remat`
+    "full": Remat(jax.checkpoint_policies.nothing_saveable),  # the step's input latent; recompute the step
+    "layers": Remat(jax.checkpoint_policies.everything_saveable, layers=True),  # each core layer's input
+    "nested": Remat(jax.checkpoint_policies.nothing_saveable, layers=True),  # least memory: both, +1 forward
+    "projections": Remat(jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_fc", "mlp_out")),
+    "dots": Remat(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    "none": Remat(jax.checkpoint_policies.everything_saveable),  # every activation (most memory)
 }
 
 
@@ -261,9 +270,10 @@ class Huginn(nnx.Module):
             return embedded
         return initial_state(rng, embedded.shape, self.config, init_scale)
 
-    def core_step(self, state: jax.Array, embedded: jax.Array, mix: Mixer) -> tuple[jax.Array, list[Any]]:
-        """One recurrence: the injection, then the core block's layers."""
-        return self.run(self.core, self.adapter(state, embedded), mix)
+    def core_step(self, state: jax.Array, embedded: jax.Array, mix: Mixer, remat: bool = False
+                  ) -> tuple[jax.Array, list[Any]]:
+        """One recurrence: the injection, then the core block's layers (each rematerialised with `remat`)."""
+        return self.run(self.core, self.adapter(state, embedded), mix, remat)
 
     def head(self, x: jax.Array) -> jax.Array:
         """Coda output -> fp32 logits: ln_f, then the tied embedding (or an own head)."""
@@ -276,11 +286,16 @@ class Huginn(nnx.Module):
                 ) -> tuple[jax.Array, jax.Array, list[Any]]:
         """Final latent -> (fp32 logits, latent after ln_f, the coda's aux): ln_f, coda, then the head
         (only at position `last [batch]` of each row when given: generation needs one token's logits)."""
-        latent = self.ln_f(state)
-        x, auxes = self.run(self.coda, latent, mix, remat)
+        x, latent, auxes = self.decoded(state, mix, remat)
         if last is not None:
             x = jnp.take_along_axis(x, last[:, None, None], axis=1)
         return self.head(x), latent, auxes
+
+    def decoded(self, state: jax.Array, mix: Mixer, remat: bool = False) -> tuple[jax.Array, jax.Array, list[Any]]:
+        """Final latent -> (coda output, the head's input; latent after ln_f; the coda's aux)."""
+        latent = self.ln_f(state)
+        x, auxes = self.run(self.coda, latent, mix, remat)
+        return x, latent, auxes
 
     def apply(self, input_ids: jax.Array, num_steps: jax.Array, init_state: jax.Array | None, init_scale: jax.Array,
               rng: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -296,13 +311,19 @@ class Huginn(nnx.Module):
 
     def train_logits(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, n: jax.Array,
                      k: jax.Array, rng: jax.Array, remat: str = "full") -> jax.Array:
-        """fp32 logits after n recurrences without gradient and k with it (k <= mean_backprop_depth).
+        """fp32 logits after n recurrences without gradient and k with it (k <= mean_backprop_depth)."""
+        return self.head(self.train_features(input_ids, positions, segment_ids, n, k, rng, remat))
+
+    def train_features(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, n: jax.Array,
+                       k: jax.Array, rng: jax.Array, remat: str = "full") -> jax.Array:
+        """The head's input (coda output) after n recurrences without gradient and k with it.
 
         The n steps run in a `fori_loop` on stop-gradient inputs (n is traced: no recompiles, no
         activations kept). The k steps run in a `scan` of static length mean_backprop_depth, each under
         `jax.checkpoint` by the `remat` policy (`REMAT_POLICIES`; `full`: one latent per step) and skipped
-        (`cond`) past k (prelude and coda blocks are rematerialised too). Gradients reach the prelude through the embedded input
-        injected at each of the k steps, as in the official. Differentiable in this module's state.
+        (`cond`) past k; prelude and coda layers are rematerialised one by one. Gradients reach the
+        prelude through the embedded input injected at each of the k steps, as in the official.
+        Differentiable in this module's state.
         """
         cfg = self.config
         mix = causal_mixer(rope_angles(positions, cfg.head_dim, cfg.rope_base), positions, segment_ids, cfg.attention)
@@ -312,15 +333,17 @@ class Huginn(nnx.Module):
         frozen, frozen_embedded = nnx.merge(graphdef, jax.lax.stop_gradient(weights)), jax.lax.stop_gradient(embedded)
         state = jax.lax.fori_loop(0, n, lambda _, s: frozen.core_step(s, frozen_embedded, mix)[0], state)
         state = jax.lax.stop_gradient(state)
+        policy = REMAT_POLICIES[remat]
 
         # The cond sits inside the checkpoint: a cond's residuals are per-step scan outputs, so one outside
         # it would stack a copy of the core weights per grad step; the checkpoint's inputs are loop-invariant.
-        @functools.partial(jax.checkpoint, policy=REMAT_POLICIES[remat])
+        @functools.partial(jax.checkpoint, policy=policy.step)
         def step(s, i):
-            return jax.lax.cond(i < k, lambda s: self.core_step(s, embedded, mix)[0], lambda s: s, s), None
+            grad_step = lambda s: self.core_step(s, embedded, mix, policy.layers)[0]  # noqa: E731
+            return jax.lax.cond(i < k, grad_step, lambda s: s, s), None
 
         state, _ = jax.lax.scan(step, state, jnp.arange(cfg.mean_backprop_depth))
-        return self.readout(state, mix, remat=True)[0]
+        return self.decoded(state, mix, remat=True)[0]
 
     def __call__(self, input_ids: Any, num_steps: int | jax.Array, *, init_state: jax.Array | None = None,
                  init_scale: float = 1.0, rng: jax.Array | None = None, positions: jax.Array | None = None,

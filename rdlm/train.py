@@ -59,10 +59,32 @@ def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[j
     return jnp.sum((logz - gold) * m), jnp.sum(m)
 
 
-def _loss(params, batch: Batch, n, k, rng, cfg: ModelConfig, remat: str):
-    logits = model.forward_train(params, batch["inputs"], batch["positions"], batch["segment_ids"], n, k, rng, cfg,
-                                 remat)
-    return token_nll(logits, batch["targets"], batch["loss_mask"])
+def chunked_nll(head: Callable[[jax.Array], jax.Array], x: jax.Array, targets: jax.Array, mask: jax.Array,
+                chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`token_nll` of the logits `head(x)`, `chunk` positions at a time, each chunk rematerialised: the fp32
+    `[batch, seq, vocab]` logits and their gradient never exist whole."""
+    b, T, _ = x.shape
+    C = min(chunk, T)
+    Tp = -(-T // C) * C
+
+    def chunks(a: jax.Array) -> jax.Array:  # [b, T, ...] -> [T / C, b, C, ...], padding masked out
+        a = jnp.pad(a, [(0, 0), (0, Tp - T)] + [(0, 0)] * (a.ndim - 2))
+        return a.reshape(b, Tp // C, C, *a.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def add(total, xs):
+        xc, tc, mc = xs
+        nll, count = token_nll(head(xc), tc, mc)
+        return (total[0] + nll, total[1] + count), None
+
+    total, _ = jax.lax.scan(add, (jnp.float32(0), jnp.float32(0)), (chunks(x), chunks(targets), chunks(mask)))
+    return total
+
+
+def _loss(params, batch: Batch, n, k, rng, config: Config):
+    m = model.merge(params, config.model)
+    x = m.train_features(batch["inputs"], batch["positions"], batch["segment_ids"], n, k, rng, config.train.remat)
+    return chunked_nll(m.head, x, batch["targets"], batch["loss_mask"], config.train.loss_chunk)
 
 
 def init_state(config: Config, optimizer) -> State:
@@ -83,7 +105,7 @@ def loss_and_grads(params, batch: Batch, n, k, key, config: Config):
     def accumulate(carry, xs):
         grads, loss, tokens = carry
         mb, i = xs
-        (l, t), g = grad_fn(params, mb, n, k, jax.random.fold_in(key, i), config.model, config.train.remat)
+        (l, t), g = grad_fn(params, mb, n, k, jax.random.fold_in(key, i), config)
         return (constrain_params(jax.tree.map(jnp.add, grads, g), config.model), loss + l, tokens + t), None
 
     zeros = constrain_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), config.model)

@@ -114,7 +114,7 @@ def test_remat_policies_give_the_same_gradients_and_trade_memory():
         return compiled(params), compiled.memory_analysis().temp_size_in_bytes
 
     full, full_temp = grads("full")
-    for remat in ("projections", "dots", "none"):
+    for remat in set(model.REMAT_POLICIES) - {"full"}:
         other, temp = grads(remat)
         for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(full), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -126,8 +126,31 @@ def test_gradient_accumulation_equals_one_large_batch():
     assert float(loss1) == pytest.approx(float(loss2), rel=2e-2)  # rows see different initial-state noise
     # the token-weighted normalisation: the accumulated loss is the mean over all target tokens
     nll = [train_mod._loss(params, jax.tree.map(lambda x, i=i: x[i::4], batch), 0, 0, jax.random.fold_in(
-        jax.random.key(1), i), two.model, two.train.remat) for i in range(4)]
+        jax.random.key(1), i), two) for i in range(4)]
     assert float(loss2) == pytest.approx(sum(float(s) for s, _ in nll) / sum(float(c) for _, c in nll), rel=1e-6)
+
+
+def test_chunked_loss_equals_the_whole_logits_with_gradients():
+    """`train.loss_chunk`: the cross-entropy 7 positions at a time (32 is no multiple: a padded last chunk)
+    equals it over the whole logits, gradients included."""
+    cfg = load_config("tiny").model
+    params = train_mod.init_params(cfg, jax.random.key(0))
+    batch = _batch(2, 32, cfg.vocab_size)
+    batch["loss_mask"][0, :5] = 0
+
+    def loss(p, chunk):
+        m = train_mod.model.merge(p, cfg)
+        x = m.train_features(batch["inputs"], batch["positions"], batch["segment_ids"], 1, 2, jax.random.key(1))
+        if chunk is None:
+            return train_mod.token_nll(m.head(x), batch["targets"], batch["loss_mask"])
+        return train_mod.chunked_nll(m.head, x, batch["targets"], batch["loss_mask"], chunk)
+
+    (whole, count), g_whole = jax.value_and_grad(loss, has_aux=True)(params, None)
+    (chunked, count7), g_chunked = jax.value_and_grad(loss, has_aux=True)(params, 7)
+    assert float(count) == float(count7) == batch["loss_mask"].sum()
+    assert float(chunked) == pytest.approx(float(whole), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(np.abs(b).max()) + 1e-12)
 
 
 def test_bf16_master_weights_keep_their_types(train_overrides):

@@ -207,11 +207,9 @@ class TrainConfig:
     recurrence: str = field(default="poisson-lognormal", metadata=_check(choices=("poisson-lognormal", "fixed")))
     param_dtype: str = field(default="float32", metadata=_check(choices=("float32", "bfloat16")))  # master weights
     # What each grad step of the recurrence keeps for the backward (rdlm.model.REMAT_POLICIES): full keeps
-    # only its input latent; layers each core layer's input; nested only the latent, recomputing layer by
-    # layer; projections also the named matmul outputs; dots every matmul without batch dimensions; none
-    # everything.
-    remat: str = field(default="full", metadata=_check(choices=("full", "layers", "nested", "projections", "dots",
-                                                                 "none")))
+    # only its input latent; nested too, and recomputes it layer by layer (least memory); projections also
+    # the named matmul outputs; dots every matmul without batch dimensions; none everything.
+    remat: str = field(default="full", metadata=_check(choices=("full", "nested", "projections", "dots", "none")))
     # Positions whose fp32 logits and cross-entropy are computed at once (MaxText's vocab tiling): the
     # [batch, seq, vocab] logits are never whole, in the forward or the backward.
     loss_chunk: int = field(default=1024, metadata=_check(ge=1))

@@ -204,7 +204,6 @@ class Remat(NamedTuple):
 
 REMAT_POLICIES: dict[str, Remat] = {  # `train.remat`
     "full": Remat(jax.checkpoint_policies.nothing_saveable),  # the step's input latent; recompute the step
-    "layers": Remat(jax.checkpoint_policies.everything_saveable, layers=True),  # each core layer's input
     "nested": Remat(jax.checkpoint_policies.nothing_saveable, layers=True),  # least memory: both, +1 forward
     "projections": Remat(jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_fc", "mlp_out")),
     "dots": Remat(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),

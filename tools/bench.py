@@ -19,15 +19,23 @@
         --cache-only prints just the cache bytes (any config, nothing is run). With --official-*,
         the official `generate` on the same weights, same prompt shape: official_ratio = ours / official.
     python tools/bench.py memory CONFIG [key=value ...] --devices 8 [--batch 8 --seq 4096 --specs FILE]
-    python tools/bench.py memory CONFIG [key=value ...] --topology v5e:2x4 [--batch 8 --seq 4096]
+    python tools/bench.py memory CONFIG [key=value ...] --topology v5e:2x4 [--batch 8 --seq 4096 --prefill STEPS]
         memory per device of a training step: the analytic parameter + optimizer bytes from the
         sharding specs, and the compiled step's memory_analysis() (arguments, outputs, temporaries),
         compiled for --devices virtual CPU devices, or ahead of time for a TPU topology when libtpu is
-        installed (reported as skipped otherwise); --specs writes every parameter's spec.
+        installed (reported as skipped otherwise); --specs writes every parameter's spec. With
+        --prefill STEPS, the generation program instead: a --seq-token prompt per row prefilled at
+        STEPS recurrences, then one decoded token.
     python tools/bench.py convert CONFIG [key=value ...] [--dtype bfloat16 --shards 4]
         builds a synthetic checkpoint of CONFIG's shapes with the official names (random values,
         several shards), converts it with `python -m rdlm.convert` in a child process and reports
         its wall seconds and peak RSS.
+
+    python tools/bench.py flops CONFIG [key=value ...] [--seq 4096 --batch 8 --mfu 0.4]
+        MFU on paper: model FLOPs per token of the training step at n = mean_recurrence - k no-grad
+        steps (x1) and k = mean_backprop_depth grad steps (x3), and for each chip in the vendor table its
+        bf16 peak, the tokens/s per chip at --mfu and the seconds per step of --batch x --seq tokens per
+        chip. Nothing is compiled or run.
 
 The official script (kept outside this repo) is called as
 `PYTHON SCRIPT HF_DIR --batch B --seq S --num-steps N --iters K` and prints {"tokens_per_s": x};
@@ -277,10 +285,15 @@ def bench_memory(args, cfg, base, config) -> None:
                          # parameters, Adam's two moments and the gradients, all in the master dtype
                          state_bytes_per_device=4 * jnp.dtype(config.train.param_dtype).itemsize
                          * report["params_per_device"])
+    if args.prefill:
+        record |= dict(program="generate", num_steps=args.prefill, new=2)
     try:
         with activate(mesh, config.mesh.rules):
-            compiled = make_train_step(config, optimizer, (state_sh, batch_sh)).lower(
-                state, batch, jnp.int32(0), jnp.int32(0)).compile()
+            if args.prefill:
+                compiled = generation_program(cfg, state["params"], row, args.prefill, mesh, config.mesh.rules)
+            else:
+                compiled = make_train_step(config, optimizer, (state_sh, batch_sh)).lower(
+                    state, batch, jnp.int32(0), jnp.int32(0)).compile()
     except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: the step does not fit the chip
         emit(record | dict(fits=False, error=str(e)[:400]))
         return
@@ -290,6 +303,34 @@ def bench_memory(args, cfg, base, config) -> None:
                      temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
                      peak_bytes_per_device=mem.argument_size_in_bytes + mem.output_size_in_bytes
                      - mem.alias_size_in_bytes + mem.temp_size_in_bytes))
+
+
+def bench_flops(args, cfg, base) -> None:
+    from rdlm.flops import CHIP_PEAK_FLOPS, train_flops_per_token
+
+    k = cfg.mean_backprop_depth
+    n = max(cfg.mean_recurrence - k, 0)
+    per_token = train_flops_per_token(cfg, n, k, args.seq)
+    for chip, peak in CHIP_PEAK_FLOPS.items():
+        tokens_per_s = args.mfu * peak / per_token
+        emit(base | dict(chip=chip, n=n, k=k, seq=args.seq, train_flops_per_token=per_token, bf16_peak_flops=peak,
+                         mfu=args.mfu, tokens_per_s_per_chip=tokens_per_s,
+                         step_s=args.batch * args.seq / tokens_per_s))
+
+
+def generation_program(cfg, params, prompt, num_steps: int, mesh, rules):
+    """`rdlm.generate`'s compiled program for `prompt`-shaped prompts: the prefill at `num_steps` recurrences
+    (full cache), then one decoded token; parameters in the compute dtype, sharded as the trainer's."""
+    from rdlm.inference import engine
+    from rdlm.inference.sampling import Sampling
+
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, cfg.dtype, sharding=p.sharding), params)
+    spec = engine.Spec(num_steps=num_steps, max_new_tokens=2)
+    knobs = engine.Knobs(jnp.float32(0), jnp.float32(0), jnp.float32(1),
+                         Sampling(jnp.float32(1), jnp.int32(0), jnp.float32(1), jnp.float32(0)))
+    lengths = jax.ShapeDtypeStruct(prompt.shape[:1], jnp.int32)
+    return engine.decode.lower(params, prompt, lengths, jnp.zeros((8,), jnp.int32), jax.random.key(0), knobs,
+                               cfg=cfg, spec=spec, T=prompt.shape[1] + 2, mesh=(mesh, rules)).compile()
 
 
 def write_synthetic_hf(cfg, dst: Path, dtype: str, shards: int) -> int:
@@ -377,7 +418,7 @@ def directory(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                      allow_abbrev=False)  # --dev 8 would escape the --devices read before jax starts
-    parser.add_argument("bench", choices=["forward", "train", "memory", "convert", "decode"])
+    parser.add_argument("bench", choices=["forward", "train", "memory", "convert", "decode", "flops"])
     parser.add_argument("config", help="preset name or YAML path")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     parser.add_argument("--batch", type=at_least(1), default=8)
@@ -392,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode: exit criteria to report (default: all)")
     parser.add_argument("--official-python", help="python with torch + transformers for the official code")
     parser.add_argument("--official-script", help="scratch script running the official forward (outside the repo)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="flops: the model FLOPs utilisation to read off")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--shards", type=at_least(1), default=4)
     parser.add_argument("--workdir", type=directory, default=None,
@@ -399,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=at_least(1), default=None,
                         help="memory: virtual CPU devices (read before jax starts)")
     parser.add_argument("--specs", default=None, help="memory: write every parameter's sharding spec (JSON) here")
+    parser.add_argument("--prefill", type=at_least(1), default=None, metavar="STEPS",
+                        help="memory: the generation program (prefill of --seq tokens at STEPS recurrences, one "
+                             "decoded token) instead of the train step")
     parser.add_argument("--topology", default=None,
                         help="memory: compile ahead of time for this TPU topology (e.g. v5e:2x4; needs libtpu)")
     args = parser.parse_intermixed_args(argv)
@@ -407,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)
     cfg = config.model
     longest = args.seq + args.new if args.bench == "decode" else args.seq
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu {args.mfu}: a fraction of the peak, in (0, 1]")
     if args.bench != "convert" and longest > cfg.block_size:
         what = f"--seq {args.seq} + --new {args.new} = {longest}" if args.bench == "decode" else f"--seq {args.seq}"
         raise ConfigError(f"{what} exceeds model.block_size={cfg.block_size}, the longest sequence the model takes")
@@ -414,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench == "memory":
         bench_memory(args, cfg, base, config)
     else:
-        {"forward": bench_forward, "train": bench_train, "convert": bench_convert,
-         "decode": bench_decode}[args.bench](args, cfg, base)
+        {"forward": bench_forward, "train": bench_train, "convert": bench_convert, "decode": bench_decode,
+         "flops": bench_flops}[args.bench](args, cfg, base)
     return 0
 
 

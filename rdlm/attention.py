@@ -62,7 +62,7 @@ def resolve(implementation: str, seq: int, dtype: jnp.dtype) -> str:
     fused attention takes only 16-bit inputs."""
     if implementation != "auto":
         return implementation
-    backend = jax.default_backend()
+    backend = sharding.platform()
     if backend == "tpu":
         return "splash"
     if backend == "gpu" and jnp.dtype(dtype).itemsize == 2:
@@ -80,7 +80,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Ar
     if impl == "chunked":
         return chunked(q, k, v, segments)
     if impl == "splash":
-        return splash(q, k, v, segments, interpret=jax.default_backend() != "tpu")
+        return splash(q, k, v, segments, interpret=sharding.platform() != "tpu")
     if impl == "cudnn":
         return fused(q, k, v, segments, "cudnn")
     raise ValueError(f"unknown attention implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")

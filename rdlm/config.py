@@ -208,11 +208,13 @@ class TrainConfig:
     param_dtype: str = field(default="float32", metadata=_check(choices=("float32", "bfloat16")))  # master weights
     # What each grad step of the recurrence keeps for the backward (rdlm.model.REMAT_POLICIES): full keeps
     # only its input latent; nested too, and recomputes it layer by layer (least memory); projections also
-    # the named matmul outputs; dots every matmul without batch dimensions; none everything.
-    remat: str = field(default="full", metadata=_check(choices=("full", "nested", "projections", "dots", "none")))
+    # the named matmul outputs; dots every matmul without batch dimensions; none everything; auto: nested
+    # on TPU, else full.
+    remat: str = field(default="auto", metadata=_check(choices=("auto", "full", "nested", "projections", "dots",
+                                                                 "none")))
     # Positions whose fp32 logits and cross-entropy are computed at once (MaxText's vocab tiling): the
     # [batch, seq, vocab] logits are never whole, in the forward or the backward.
-    loss_chunk: int = field(default=1024, metadata=_check(ge=1))
+    loss_chunk: int = field(default=2048, metadata=_check(ge=1))
     nonfinite: str = field(default="stop", metadata=_check(choices=("stop", "skip")))
     max_nonfinite_steps: int = field(default=20, metadata=_check(ge=1))  # consecutive skipped steps that end a run
     log_every: int = field(default=10, metadata=_check(ge=1))

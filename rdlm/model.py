@@ -31,7 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 from rdlm.attention import causal_attention
 from rdlm.config import ModelConfig
 from rdlm.params import init_params, logical_axes
-from rdlm.sharding import constrain
+from rdlm.sharding import constrain, platform
 
 Params = dict[str, Any]
 HIDDEN = ("batch", "length", "activation_embed")  # logical axes of the residual stream
@@ -202,13 +202,21 @@ class Remat(NamedTuple):
     layers: bool = False
 
 
-REMAT_POLICIES: dict[str, Remat] = {  # `train.remat`
+REMAT_POLICIES: dict[str, Remat] = {  # `train.remat` (`auto`: `resolve_remat`)
     "full": Remat(jax.checkpoint_policies.nothing_saveable),  # the step's input latent; recompute the step
     "nested": Remat(jax.checkpoint_policies.nothing_saveable, layers=True),  # least memory: both, +1 forward
     "projections": Remat(jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_fc", "mlp_out")),
     "dots": Remat(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
     "none": Remat(jax.checkpoint_policies.everything_saveable),  # every activation (most memory)
 }
+
+
+def resolve_remat(remat: str) -> str:
+    """The policy `auto` stands for where the program runs: `nested` on TPU (huginn-0125 at 4096 tokens fits
+    a 16 GiB v5e chip only so), `full` elsewhere (faster: no extra forward); others as given."""
+    if remat != "auto":
+        return remat
+    return "nested" if platform() == "tpu" else "full"
 
 
 # ---- the recurrent-depth model -------------------------------------------------------------------
@@ -332,7 +340,7 @@ class Huginn(nnx.Module):
         frozen, frozen_embedded = nnx.merge(graphdef, jax.lax.stop_gradient(weights)), jax.lax.stop_gradient(embedded)
         state = jax.lax.fori_loop(0, n, lambda _, s: frozen.core_step(s, frozen_embedded, mix)[0], state)
         state = jax.lax.stop_gradient(state)
-        policy = REMAT_POLICIES[remat]
+        policy = REMAT_POLICIES[resolve_remat(remat)]
 
         # The cond sits inside the checkpoint: a cond's residuals are per-step scan outputs, so one outside
         # it would stack a copy of the core weights per grad step; the checkpoint's inputs are loop-invariant.

@@ -137,6 +137,12 @@ def active() -> tuple[Mesh, RulesConfig] | None:
     return _ACTIVE[-1] if _ACTIVE else None
 
 
+def platform() -> str:
+    """The platform the program being traced runs on: the active mesh's devices' (an ahead-of-time compile
+    for a TPU topology traces on a CPU host), else JAX's default backend."""
+    return _ACTIVE[-1][0].devices.flat[0].platform if _ACTIVE else jax.default_backend()
+
+
 def constrain(x: jax.Array, logical: tuple[str | None, ...]) -> jax.Array:
     """`with_sharding_constraint` by logical axis names; identity when no mesh is active."""
     if not _ACTIVE:

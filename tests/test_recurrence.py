@@ -120,3 +120,9 @@ def test_remat_policies_give_the_same_gradients_and_trade_memory():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
         if remat == "none":
             assert temp > full_temp
+
+
+def test_auto_remat_is_nested_on_tpu_only(monkeypatch):
+    assert model.resolve_remat("auto") == "full" and model.resolve_remat("dots") == "dots"  # CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert model.resolve_remat("auto") == "nested" and model.resolve_remat("full") == "full"

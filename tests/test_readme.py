@@ -101,7 +101,9 @@ RUN = {
     r"python tools/tpu/tpu\.py ": Run("tpu", extra="--dry-run", why="needs gcloud and a TPU project; --dry-run "
                                       "prints the exact gcloud commands", expect="gcloud "),
     r"python tools/bench\.py memory huginn_0125 --topology": Run(
-        "bench", expect='"skipped"' if importlib.util.find_spec("libtpu") is None else '"temp_bytes"'),
+        "bench", expect='"skipped"' if importlib.util.find_spec("libtpu") is None else '"temp_bytes"',
+        variants=((), ("train.param_dtype=bfloat16", "train.remat=full"))),
+    r"python tools/bench\.py flops huginn_0125": Run("bench", expect='"tokens_per_s_per_chip"'),
     r"python tools/bench\.py memory huginn_0125 --devices 8": Run(
         "bench", extra="model.n_embd=64 model.n_heads=2 model.intermediate_size=128 model.vocab_size=512 "
                        "model.n_layers_in_recurrent_block=1 model.mean_backprop_depth=2",

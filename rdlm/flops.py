@@ -6,7 +6,7 @@ core block r times.
 
 The peak of a CPU is measured, and a measurement on a loaded machine is low (MFU figures above 100%),
 so the best figure ever measured on a host (name, device kind, cores) is kept in
-`${XDG_CACHE_HOME:-~/.cache}/rdlm/peak_flops.json` and used when higher; `RDLMCHIP_PEAK_FLOPS=x` sets the
+`${XDG_CACHE_HOME:-~/.cache}/rdlm/peak_flops.json` and used when higher; `RDLM_PEAK_FLOPS=x` sets the
 peak FLOP/s of the run outright, on any device.
 """
 
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from rdlm.config import ConfigError, ModelConfig
 
-PEAK_ENV = "RDLMCHIP_PEAK_FLOPS"
+PEAK_ENV = "RDLM_PEAK_FLOPS"
 
 
 def block_flops_per_token(cfg: ModelConfig, seq: int) -> float:
@@ -47,9 +47,9 @@ def train_flops_per_token(cfg: ModelConfig, n: int, k: int, seq: int) -> float:
 
 
 # Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor figures).
-CHIP_PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-               "NVIDIA A100": 312e12}
+CHIP_PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+                   "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12,
+                   "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
 
 
 def measured_matmul_flops(n: int = 2048, iters: int = 5) -> float:
@@ -94,7 +94,7 @@ def best_measured(kind: str, measured: float) -> float:
 
 
 def peak_flops() -> tuple[float, str]:
-    """(FLOP/s of all devices of the run, how it was found): RDLMCHIP_PEAK_FLOPS when set, the vendor peak
+    """(FLOP/s of all devices of the run, how it was found): RDLM_PEAK_FLOPS when set, the vendor peak
     for known TPUs/GPUs, else the fp32 matmul peak measured on this CPU host (or the best earlier one)."""
     if value := os.environ.get(PEAK_ENV):  # set and not empty
         try:

@@ -98,23 +98,20 @@ def loss_and_grads(params, batch: Batch, n, k, key, config: Config):
     """(mean loss, gradients of the mean, target tokens) over `train.grad_accum` micro-batches: sums of
     token losses and gradients, normalised once by the total number of target tokens."""
     accum = config.train.grad_accum
+    # micro-batch i takes rows i, i + accum, ...: each device's rows split evenly, no resharding
+    micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
     grad_fn = jax.value_and_grad(_loss, has_aux=True)
-    if accum == 1:  # no accumulator: one parameter-sized buffer less
-        (loss, tokens), grads = grad_fn(params, batch, n, k, jax.random.fold_in(key, 0), config)
-    else:
-        # micro-batch i takes rows i, i + accum, ...: each device's rows split evenly, no resharding
-        micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
-        def accumulate(carry, xs):
-            grads, loss, tokens = carry
-            mb, i = xs
-            (l, t), g = grad_fn(params, mb, n, k, jax.random.fold_in(key, i), config)
-            return (constrain_params(jax.tree.map(jnp.add, grads, g), config.model), loss + l, tokens + t), None
+    def accumulate(carry, xs):
+        grads, loss, tokens = carry
+        mb, i = xs
+        (l, t), g = grad_fn(params, mb, n, k, jax.random.fold_in(key, i), config)
+        return (constrain_params(jax.tree.map(jnp.add, grads, g), config.model), loss + l, tokens + t), None
 
-        zeros = constrain_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), config.model)
-        (grads, loss, tokens), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, jnp.arange(accum)))
+    zeros = constrain_params(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), config.model)
+    (grads, loss, tokens), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, jnp.arange(accum)))
     tokens = jnp.maximum(tokens, 1.0)
-    return loss / tokens, jax.tree.map(lambda g: g.astype(jnp.float32) / tokens, grads), tokens
+    return loss / tokens, jax.tree.map(lambda g: g / tokens, grads), tokens
 
 
 def make_train_step(config: Config, optimizer, shardings: tuple[Any, Any] | None = None) -> Callable:

@@ -92,7 +92,7 @@ def test_activation_memory_does_not_grow_with_mean_recurrence():
 
 def test_grad_steps_keep_no_copy_of_the_core_weights():
     """A skipped grad step (`cond`) must not make the scan keep the core weights per step: with weights far
-    larger than the activations, 12 more grad steps add less than one copy of the core."""
+    larger than the activations, 12 more grad steps add less than half a copy of the core."""
     wide = dataclasses.replace(TINY, n_embd=256, n_heads=4, intermediate_size=1024)
     core_bytes = 4 * sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: init_params(wide, jax.random.key(0)))["core"]))
     grow = (_temp_bytes(dataclasses.replace(wide, mean_backprop_depth=16), (1, 8))

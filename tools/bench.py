@@ -281,12 +281,12 @@ def bench_memory(args, cfg, base, config) -> None:
     start = time.perf_counter()
     record = base | dict(devices=len(devices), device_kind=devices[0].device_kind, topology=args.topology,
                          mesh=report["mesh"], batch=args.batch, seq=args.seq,
-                         params_per_device=report["params_per_device"],
-                         # parameters, Adam's two moments and the gradients, all in the master dtype
-                         state_bytes_per_device=4 * jnp.dtype(config.train.param_dtype).itemsize
-                         * report["params_per_device"])
+                         params_per_device=report["params_per_device"])
     if args.prefill:
         record |= dict(program="generate", num_steps=args.prefill, new=2)
+    else:  # parameters, Adam's two moments and the gradients, all in the master dtype
+        record |= dict(state_bytes_per_device=4 * jnp.dtype(config.train.param_dtype).itemsize
+                       * report["params_per_device"])
     try:
         with activate(mesh, config.mesh.rules):
             if args.prefill:

@@ -239,3 +239,20 @@ def test_sharded_generation_equals_single_device(tiny, mesh_shape):
         sharded = generate(params, PROMPTS[:2], cfg, mesh=mesh, **kw)
         np.testing.assert_array_equal(sharded.tokens, alone.tokens)
         np.testing.assert_array_equal(sharded.steps, alone.steps)
+
+
+def test_load_checkpoint_holds_weights_in_the_compute_dtype():
+    """On CPU the loader computes in float32 unless model.dtype is given (XLA:CPU would keep fp32 copies of bf16
+    weights); the weights come in the compute dtype, which changes no logit (every use casts to it)."""
+    from rdlm.inference import load_checkpoint
+
+    config, params = load_checkpoint(FIXTURES / "tiny_bf16_sharded")
+    assert config.model.dtype == "float32"
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
+    config16, params16 = load_checkpoint(FIXTURES / "tiny_bf16_sharded", ["model.dtype=bfloat16"])
+    assert config16.model.dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(params16)} == {jnp.dtype("bfloat16")}
+    ids = np.arange(1, 9)[None] % config.model.vocab_size
+    as_stored = rdlm.forward(params16, ids, config16.model, num_steps=3, init_scale=0.0)
+    widened = rdlm.forward(params, ids, config16.model, num_steps=3, init_scale=0.0)
+    np.testing.assert_array_equal(np.asarray(as_stored), np.asarray(widened))

@@ -21,15 +21,17 @@
     python tools/bench.py memory CONFIG [key=value ...] --devices 8 [--batch 8 --seq 4096 --specs FILE]
     python tools/bench.py memory CONFIG [key=value ...] --topology v5e:2x4 [--batch 8 --seq 4096 --prefill STEPS]
         memory per device of a training step: the analytic parameter + optimizer bytes from the
-        sharding specs, and the compiled step's memory_analysis() (arguments, outputs, temporaries),
+        sharding specs, and the compiled step's memory_analysis() (arguments, outputs, temporaries, and
+        the compiler's peak as peak_bytes_per_device: on TPU, arguments + temporaries over-count it),
         compiled for --devices virtual CPU devices, or ahead of time for a TPU topology when libtpu is
         installed (reported as skipped otherwise); --specs writes every parameter's spec. With
         --prefill STEPS, the generation program instead: a --seq-token prompt per row prefilled at
         STEPS recurrences, then one decoded token.
-    python tools/bench.py convert CONFIG [key=value ...] [--dtype bfloat16 --shards 4]
+    python tools/bench.py convert CONFIG [key=value ...] [--dtype bfloat16 --shards 4 --keep DIR]
         builds a synthetic checkpoint of CONFIG's shapes with the official names (random values,
         several shards), converts it with `python -m rdlm.convert` in a child process and reports
-        its wall seconds and peak RSS.
+        its wall seconds and peak RSS; --keep DIR keeps the converted checkpoint (for decode
+        --checkpoint DIR, whose records carry the process's peak RSS).
 
     python tools/bench.py flops CONFIG [key=value ...] [--seq 4096 --batch 8 --mfu 0.4]
         MFU on paper: model FLOPs per token of the training step at n = mean_recurrence - k no-grad
@@ -139,6 +141,11 @@ def bench_forward(args, cfg, base) -> None:
             emit(record)
 
 
+def peak_rss() -> int:
+    """This process's peak resident bytes so far (VmHWM): what host memory a CPU run needed."""
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+
+
 def bench_decode(args, cfg, base) -> None:
     from rdlm.inference import CRITERIA, STRATEGIES, cache_bytes, generate, load_checkpoint
 
@@ -179,7 +186,8 @@ def bench_decode(args, cfg, base) -> None:
                 total, _ = seconds(batch, args.new, steps)
                 record = base | dict(kind="generate", num_steps=steps, batch=batch, prompt=args.seq, new=args.new,
                                      prefill_tokens_per_s=batch * args.seq / prefill,
-                                     decode_tokens_per_s=batch * (args.new - 1) / (total - prefill))
+                                     decode_tokens_per_s=batch * (args.new - 1) / (total - prefill),
+                                     peak_rss_gib=peak_rss() / 2**30)
                 if args.official_script:
                     theirs = official_run(args, Path(tmp) / "hf", steps, ["--generate", str(args.new)], batch)
                     record |= dict(official_prefill_tokens_per_s=theirs["prefill_tokens_per_s"],
@@ -301,8 +309,7 @@ def bench_memory(args, cfg, base, config) -> None:
     emit(record | dict(fits=True, compile_s=time.perf_counter() - start,
                      argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
                      temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
-                     peak_bytes_per_device=mem.argument_size_in_bytes + mem.output_size_in_bytes
-                     - mem.alias_size_in_bytes + mem.temp_size_in_bytes))
+                     peak_bytes_per_device=mem.peak_memory_in_bytes))
 
 
 def bench_flops(args, cfg, base) -> None:
@@ -374,7 +381,7 @@ sys.exit(rc)"""
 
 def bench_convert(args, cfg, base) -> None:
     with tempfile.TemporaryDirectory(prefix="rdlm-bench-convert-", dir=args.workdir) as tmp:
-        src, dst = Path(tmp) / "hf", Path(tmp) / "rdlm"
+        src, dst = Path(tmp) / "hf", Path(args.keep) if args.keep else Path(tmp) / "rdlm"
         start = time.perf_counter()
         nbytes = write_synthetic_hf(cfg, src, args.dtype, args.shards)
         made = time.perf_counter() - start
@@ -436,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mfu", type=float, default=0.4, help="flops: the model FLOPs utilisation to read off")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--shards", type=at_least(1), default=4)
+    parser.add_argument("--keep", default=None, help="convert: write the converted checkpoint here and keep it")
     parser.add_argument("--workdir", type=directory, default=None,
                         help="where the synthetic checkpoint is written (default: tmp)")
     parser.add_argument("--devices", type=at_least(1), default=None,

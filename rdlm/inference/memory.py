@@ -85,9 +85,12 @@ def check_memory(params: Params, cfg: ModelConfig, spec: Spec, batch: int, promp
         return
     leaves = [x for x in jax.tree.leaves(params) if mesh is not None or not isinstance(x, jax.Array)]
     copied = sum(x.size * np.dtype(x.dtype).itemsize for x in leaves)
+    fp32_weights = 4 * sum(x.size for x in jax.tree.leaves(params))
+    # XLA:CPU runs bf16 matmuls in fp32 and keeps an fp32 copy of every weight besides it
+    upcast = fp32_weights if local[0].platform == "cpu" and jax.numpy.dtype(cfg.dtype).itemsize < 4 else 0
 
-    def need(**change: Any) -> int:
-        total = copied + generation_bytes(cfg, dataclasses.replace(spec, **change), batch, prompt_len, T)
+    def need(weights: int = copied + upcast, **change: Any) -> int:
+        total = weights + generation_bytes(cfg, dataclasses.replace(spec, **change), batch, prompt_len, T)
         return total * len(local) // len(devices)
 
     if need() <= free:
@@ -97,7 +100,9 @@ def check_memory(params: Params, cfg: ModelConfig, spec: Spec, batch: int, promp
     slots = _largest(lambda k: need(strategy=f"compress-s{k * c}") <= free, spec.num_steps - 1)
     fits += [f"compress-s{c}" + (f" up to compress-s{slots * c}" if slots > 1 else "")] if slots else []
     steps = _largest(lambda n: need(num_steps=n) <= free, spec.num_steps - 1)
-    ways = [f"cache_strategy {' or '.join(fits)}"] if fits else []
+    ways = ["model.dtype=float32 with float32 weights (as rdlm.load_checkpoint loads them on CPU)"] if (
+        upcast and need(fp32_weights) <= free) else []
+    ways += [f"cache_strategy {' or '.join(fits)}"] if fits else []
     ways += [f"num_steps <= {steps}"] if steps else []
     where = "the host" if local[0].platform == "cpu" else f"{len(local)} x {local[0].device_kind}"
     cache = cache_bytes(cfg, batch, T, spec.num_steps, spec.strategy)
@@ -105,4 +110,5 @@ def check_memory(params: Params, cfg: ModelConfig, spec: Spec, batch: int, promp
         f"generation needs about {_gib(need())} (KV cache {_gib(cache)} with cache_strategy={spec.strategy!r} and "
         f"num_steps={spec.num_steps}) but {where} has {_gib(free)} free; "
         + (f"{' or '.join(ways)} would fit" if ways else "even one step does not fit: fewer prompts or max_new_tokens"),
-        hint="the cache keeps one entry per (recurrence step, core layer); compress strategies share slots")
+        hint="the cache keeps one entry per (recurrence step, core layer); compress strategies share slots"
+        + ("; on CPU, XLA keeps an fp32 copy of every bf16 weight" if upcast else ""))

@@ -61,6 +61,9 @@ OFFICIAL_FLAGS = "--official-python $TORCH_PY --official-script $OFFICIAL_BENCH"
 # the `demo` preset (900 steps, batch 16 x 128) -> 2 steps of batch 2 x 32, evaluation and checkpoint at step 2
 TINY_DEMO_TRAIN = ("train.steps=2 train.batch_size=2 train.seq_len=32 train.log_every=1 train.eval_every=2 "
                    "train.eval_batches=1 train.checkpoint_every=2 data.prefetch=0")
+# huginn-0125's shapes -> tiny widths and 1 core layer (a bench of the released size on CPU takes minutes)
+TINY_SHAPES = ("model.n_embd=64 model.n_heads=2 model.intermediate_size=128 model.vocab_size=512 "
+               "model.n_layers_in_recurrent_block=1")
 # bench decode: 1 batch size, 1 depth, 1 criterion, 1 timed call (each combination is a compile)
 TINY_DECODE = "--batches 1 --steps 8 --criteria none --iters 1 --new 4"
 
@@ -105,11 +108,16 @@ RUN = {
         variants=((), ("train.param_dtype=bfloat16", "train.remat=full"))),
     r"python tools/bench\.py flops huginn_0125": Run("bench", expect='"tokens_per_s_per_chip"'),
     r"python tools/bench\.py memory huginn_0125 --devices 8": Run(
-        "bench", extra="model.n_embd=64 model.n_heads=2 model.intermediate_size=128 model.vocab_size=512 "
-                       "model.n_layers_in_recurrent_block=1 model.mean_backprop_depth=2",
+        "bench", extra=TINY_SHAPES + " model.mean_backprop_depth=2",
         why="compiling the 3.56B-parameter step for 8 virtual CPU devices takes minutes: tiny widths, 1 core "
             "layer, 2 grad steps",
         expect='"temp_bytes"'),
+    r"python tools/bench\.py convert huginn_0125 --dtype bfloat16 --shards 4 --keep": Run(
+        "bench", extra=TINY_SHAPES, why="a 7.8 GB checkpoint of 3.56B random values takes minutes: tiny widths",
+        expect='"peak_rss_gib"'),
+    r"python tools/bench\.py decode huginn_0125 --checkpoint": Run(
+        "bench", extra="--steps 4", why="32 recurrences of the (tiny) converted checkpoint add a compile",
+        expect='"peak_rss_gib"'),
     r"python tools/bench\.py forward tiny model\.mean_recurrence=16": Run(
         "bench", extra="--steps 4 --iters 1", why="one depth, one timed call", expect='"tokens_per_s"'),
     r"python tools/bench\.py decode tiny --checkpoint tests/fixtures/tiny_fp32": Run(

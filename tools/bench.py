@@ -194,6 +194,8 @@ def bench_decode(args, cfg, base) -> None:
                                    official_decode_tokens_per_s=theirs["decode_tokens_per_s"],
                                    official_ratio=record["decode_tokens_per_s"] / theirs["decode_tokens_per_s"])
                 emit(record)
+            if args.criteria == []:  # --criteria "": no exit figures
+                continue
             prefill, _ = seconds(1, 1, steps)
             for criterion in args.criteria or CRITERIA:
                 total, out = seconds(1, args.new, steps, exit_criterion=criterion)
@@ -381,7 +383,7 @@ sys.exit(rc)"""
 
 def bench_convert(args, cfg, base) -> None:
     with tempfile.TemporaryDirectory(prefix="rdlm-bench-convert-", dir=args.workdir) as tmp:
-        src, dst = Path(tmp) / "hf", Path(args.keep) if args.keep else Path(tmp) / "rdlm"
+        src, dst = Path(tmp) / "hf", Path(args.keep).resolve() if args.keep else Path(tmp) / "rdlm"
         start = time.perf_counter()
         nbytes = write_synthetic_hf(cfg, src, args.dtype, args.shards)
         made = time.perf_counter() - start
@@ -436,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=list_of(at_least(1)), default=[1, 8], help="decode: batch sizes")
     parser.add_argument("--checkpoint", default=None, help="decode: weights to load instead of random ones")
     parser.add_argument("--cache-only", action="store_true", help="decode: only the cache bytes per strategy")
-    parser.add_argument("--criteria", type=lambda s: s.split(","), default=None,
-                        help="decode: exit criteria to report (default: all)")
+    parser.add_argument("--criteria", type=lambda s: [c for c in s.split(",") if c], default=None,
+                        help="decode: exit criteria to report (default: all; \"\": none)")
     parser.add_argument("--official-python", help="python with torch + transformers for the official code")
     parser.add_argument("--official-script", help="scratch script running the official forward (outside the repo)")
     parser.add_argument("--mfu", type=float, default=0.4, help="flops: the model FLOPs utilisation to read off")

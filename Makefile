@@ -25,7 +25,7 @@ demo: $(STAMP) runs/demo/tokenizer.model
 	$(PY) experiments/recurrence_sweep.py runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 clean:
 	rm -rf $(VENV) runs

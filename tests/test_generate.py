@@ -242,17 +242,21 @@ def test_sharded_generation_equals_single_device(tiny, mesh_shape):
 
 
 def test_load_checkpoint_holds_weights_in_the_compute_dtype():
-    """On CPU the loader computes in float32 unless model.dtype is given (XLA:CPU would keep fp32 copies of bf16
-    weights); the weights come in the compute dtype, which changes no logit (every use casts to it)."""
+    """Weights wider than model.dtype are narrowed to it and, on CPU, narrower ones widened (XLA:CPU would keep
+    fp32 copies of bf16 weights); either way no logit changes, as every use casts a weight to model.dtype."""
     from rdlm.inference import load_checkpoint
 
-    config, params = load_checkpoint(FIXTURES / "tiny_bf16_sharded")
-    assert config.model.dtype == "float32"
+    config, params = load_checkpoint(FIXTURES / "tiny_bf16_sharded")  # bf16 weights, an fp32 model
+    assert config.model.dtype == "float32" and jax.default_backend() == "cpu"
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
     config16, params16 = load_checkpoint(FIXTURES / "tiny_bf16_sharded", ["model.dtype=bfloat16"])
-    assert config16.model.dtype == "bfloat16"
     assert {x.dtype for x in jax.tree.leaves(params16)} == {jnp.dtype("bfloat16")}
+    _, narrowed = load_checkpoint(FIXTURES / "tiny_fp32", ["model.dtype=bfloat16"])
+    assert {x.dtype for x in jax.tree.leaves(narrowed)} == {jnp.dtype("bfloat16")}
     ids = np.arange(1, 9)[None] % config.model.vocab_size
     as_stored = rdlm.forward(params16, ids, config16.model, num_steps=3, init_scale=0.0)
     widened = rdlm.forward(params, ids, config16.model, num_steps=3, init_scale=0.0)
     np.testing.assert_array_equal(np.asarray(as_stored), np.asarray(widened))
+    _, fp32 = load_checkpoint(FIXTURES / "tiny_fp32")
+    np.testing.assert_array_equal(np.asarray(rdlm.forward(fp32, ids, config16.model, num_steps=3, init_scale=0.0)),
+                                  np.asarray(rdlm.forward(narrowed, ids, config16.model, num_steps=3, init_scale=0.0)))

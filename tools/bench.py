@@ -11,7 +11,7 @@
         k = model.mean_backprop_depth; with --official-*, the official forward+backward tokens/s.
     python tools/bench.py decode CONFIG [key=value ...] [--seq 32 --new 32 --steps 8 --batches 1,8 --checkpoint DIR
                                                          --criteria entropy-diff,kl]
-        cached generation (rdlm.generate), greedy, best of --iters: prefill tokens/s (prompt of --seq tokens) and decode
+        cached generation (rdlm.generate), greedy, best of --iters (--criteria "": no exit figures): prefill tokens/s (prompt of --seq tokens) and decode
         tokens/s (the --new - 1 tokens after the first) at each batch size and num_steps; then, at
         batch 1, the mean recurrence steps per token and decode tokens/s under each exit criterion
         (official default thresholds), and the KV-cache bytes of each cache strategy. Weights: random,
@@ -51,6 +51,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -142,8 +143,8 @@ def bench_forward(args, cfg, base) -> None:
 
 
 def peak_rss() -> int:
-    """This process's peak resident bytes so far (VmHWM): what host memory a CPU run needed."""
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    """This process's peak resident bytes so far: what host memory a CPU run needed (Linux counts KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def bench_decode(args, cfg, base) -> None:
@@ -374,14 +375,16 @@ def write_synthetic_hf(cfg, dst: Path, dtype: str, shards: int) -> int:
 
 # The converter's own peak: VmHWM of the process after exec. (ru_maxrss of a child would include the
 # high-water mark it inherits from this process at fork, which holds the synthetic tensors.)
-_CONVERT_AND_REPORT_PEAK = """import sys
+_CONVERT_AND_REPORT_PEAK = """import resource, sys
 from rdlm.convert import main
 rc = main(sys.argv[1:])
-print(next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM')))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 sys.exit(rc)"""
 
 
 def bench_convert(args, cfg, base) -> None:
+    if args.keep and Path(args.keep).exists():
+        raise ConfigError(f"--keep {args.keep}: already exists; give a new directory for the converted checkpoint")
     with tempfile.TemporaryDirectory(prefix="rdlm-bench-convert-", dir=args.workdir) as tmp:
         src, dst = Path(tmp) / "hf", Path(args.keep).resolve() if args.keep else Path(tmp) / "rdlm"
         start = time.perf_counter()

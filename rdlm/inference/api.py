@@ -16,9 +16,9 @@ from rdlm.inference.checks import (MAX_STEPS, GenerateError, check_batch_split, 
                                    check_strategy, padded_prompts)
 from rdlm.inference.criteria import CRITERIA
 from rdlm.inference.engine import Generation, Knobs, Spec
-from rdlm.inference.memory import check_memory
+from rdlm.inference.memory import CPU_UPCAST_HINT, check_memory
 from rdlm.inference.sampling import Sampling
-from rdlm.sharding import activate, named, param_partition_specs, platform
+from rdlm.sharding import activate, named, param_partition_specs
 
 Params = dict[str, Any]
 
@@ -102,7 +102,6 @@ def generate(params: Params, input_ids: Any, config: ModelConfig | Config, *, ma
         raise GenerateError(f"out of memory while generating: {str(e).splitlines()[0]}",
                             hint="lower num_steps, max_new_tokens or the number of prompts, or use a "
                                  "compress-s<n> or compress-anchor cache_strategy"
-                                 + ("; on CPU, model.dtype=float32 with float32 weights (as rdlm.load_checkpoint "
-                                    "loads them there): XLA:CPU keeps an fp32 copy of every bf16 weight"
-                                    if platform() == "cpu" and jnp.dtype(cfg.dtype).itemsize < 4 else "")) from e
+                                 + (CPU_UPCAST_HINT if jax.default_backend() == "cpu"
+                                    and jnp.dtype(cfg.dtype).itemsize < 4 else "")) from e
     return out._replace(verify_passes=int(out.verify_passes))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rdlm.checkpoint import CONFIG_FILE, PARAMS_DIR, load_model, load_run
@@ -27,7 +28,7 @@ from rdlm.inference.cache import STRATEGIES
 from rdlm.inference.checks import GenerateError, check_range
 from rdlm.inference.criteria import CRITERIA
 from rdlm.params import abstract_params
-from rdlm.sharding import make_mesh, platform
+from rdlm.sharding import make_mesh
 from rdlm.tokenizer import Tokenizer, load_tokenizer
 
 Params = dict[str, Any]
@@ -36,10 +37,11 @@ Params = dict[str, Any]
 def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, Params]:
     """(config, params) from an rdlm model checkpoint, a training run folder or an HF huginn directory.
 
-    `overrides` (`model.dtype=bfloat16`, ...) may change how the model computes, not its shapes. The weights
-    are held in the compute dtype `model.dtype` (every use casts them to it, so no number changes). On CPU
-    `model.dtype` defaults to float32: XLA:CPU runs bf16 matmuls in fp32 and would keep an fp32 copy of every
-    bf16 weight besides it (huginn-0125: 17 GB of temporaries over 7 GB of weights; in fp32, 15 GB in all).
+    `overrides` (`model.dtype=bfloat16`, ...) may change how the model computes, not its shapes. Weights wider
+    than the compute dtype `model.dtype` are narrowed to it (every use casts them to it: no number changes, less
+    memory); on CPU narrower ones are also widened to it, since XLA:CPU runs bf16 matmuls in fp32 and would
+    keep an fp32 copy of every bf16 weight besides it (huginn-0125's bf16 weights in an fp32 model: 14.6 GiB
+    peak RSS widened on load, 7.1 GB of weights plus 17 GB of temporaries otherwise).
     """
     path = Path(path)
     if not path.is_dir():
@@ -54,8 +56,6 @@ def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Co
     else:
         raise GenerateError(f"{path} holds no checkpoint: expected {CONFIG_FILE} + {PARAMS_DIR}/ (rdlm checkpoint), "
                             f"{CONFIG_FILE} + checkpoints/ (training run) or config.json + *.safetensors (HF)")
-    if platform() == "cpu" and not any(o.startswith("model.dtype=") for o in overrides):
-        overrides = [*overrides, "model.dtype=float32"]
     if overrides:
         new = with_overrides(config, list(overrides))
         if jax.tree.map(lambda x: x.shape, abstract_params(new.model)) != jax.tree.map(lambda x: x.shape, params):
@@ -64,15 +64,15 @@ def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Co
         config = new
     leaves, treedef = jax.tree.flatten(params)
     del params  # the leaves list holds the only references: `_cast_in_place` frees each source leaf
-    _cast_in_place(leaves, jax.numpy.dtype(config.model.dtype))
+    _cast_in_place(leaves, jnp.dtype(config.model.dtype), widen=jax.default_backend() == "cpu")
     return config, jax.tree.unflatten(treedef, leaves)
 
 
-def _cast_in_place(leaves: list[Any], dtype: np.dtype) -> None:
-    """Cast every array of `leaves` to `dtype`, one at a time, freeing each source once cast: the peak is
-    about the larger of the two trees, not their sum."""
+def _cast_in_place(leaves: list[Any], dtype: np.dtype, widen: bool) -> None:
+    """Cast the arrays of `leaves` wider than `dtype` (and, with `widen`, the narrower ones) to `dtype`, one at
+    a time, freeing each source once cast: the peak is about the larger of the two trees, not their sum."""
     for i in range(len(leaves)):
-        if leaves[i].dtype != dtype:
+        if leaves[i].dtype.itemsize > dtype.itemsize or (widen and leaves[i].dtype != dtype):
             leaves[i] = leaves[i].astype(dtype)
 
 

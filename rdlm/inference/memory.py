@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rdlm.config import ModelConfig
@@ -18,6 +19,11 @@ from rdlm.inference.checks import GenerateError
 from rdlm.inference.engine import Spec
 
 Params = dict[str, Any]
+
+
+# XLA:CPU computes bf16 matmuls in fp32 and keeps an fp32 copy of each bf16 weight next to it
+CPU_UPCAST_HINT = ("; on CPU, XLA keeps an fp32 copy of every bf16 weight: model.dtype=float32 with float32 weights "
+                   "(rdlm.load_checkpoint widens them there) holds one copy")
 
 
 def generation_bytes(cfg: ModelConfig, spec: Spec, batch: int, prompt_len: int, T: int) -> int:
@@ -85,12 +91,12 @@ def check_memory(params: Params, cfg: ModelConfig, spec: Spec, batch: int, promp
         return
     leaves = [x for x in jax.tree.leaves(params) if mesh is not None or not isinstance(x, jax.Array)]
     copied = sum(x.size * np.dtype(x.dtype).itemsize for x in leaves)
-    fp32_weights = 4 * sum(x.size for x in jax.tree.leaves(params))
-    # XLA:CPU runs bf16 matmuls in fp32 and keeps an fp32 copy of every weight besides it
-    upcast = fp32_weights if local[0].platform == "cpu" and jax.numpy.dtype(cfg.dtype).itemsize < 4 else 0
+    upcast = local[0].platform == "cpu" and jnp.dtype(cfg.dtype).itemsize < 4
+    if upcast:  # XLA:CPU runs bf16 matmuls in fp32 and keeps an fp32 copy of every weight besides it
+        copied += 4 * sum(x.size for x in jax.tree.leaves(params))
 
-    def need(weights: int = copied + upcast, **change: Any) -> int:
-        total = weights + generation_bytes(cfg, dataclasses.replace(spec, **change), batch, prompt_len, T)
+    def need(**change: Any) -> int:
+        total = copied + generation_bytes(cfg, dataclasses.replace(spec, **change), batch, prompt_len, T)
         return total * len(local) // len(devices)
 
     if need() <= free:
@@ -100,9 +106,7 @@ def check_memory(params: Params, cfg: ModelConfig, spec: Spec, batch: int, promp
     slots = _largest(lambda k: need(strategy=f"compress-s{k * c}") <= free, spec.num_steps - 1)
     fits += [f"compress-s{c}" + (f" up to compress-s{slots * c}" if slots > 1 else "")] if slots else []
     steps = _largest(lambda n: need(num_steps=n) <= free, spec.num_steps - 1)
-    ways = ["model.dtype=float32 with float32 weights (as rdlm.load_checkpoint loads them on CPU)"] if (
-        upcast and need(fp32_weights) <= free) else []
-    ways += [f"cache_strategy {' or '.join(fits)}"] if fits else []
+    ways = [f"cache_strategy {' or '.join(fits)}"] if fits else []
     ways += [f"num_steps <= {steps}"] if steps else []
     where = "the host" if local[0].platform == "cpu" else f"{len(local)} x {local[0].device_kind}"
     cache = cache_bytes(cfg, batch, T, spec.num_steps, spec.strategy)
@@ -111,4 +115,4 @@ def check_memory(params: Params, cfg: ModelConfig, spec: Spec, batch: int, promp
         f"num_steps={spec.num_steps}) but {where} has {_gib(free)} free; "
         + (f"{' or '.join(ways)} would fit" if ways else "even one step does not fit: fewer prompts or max_new_tokens"),
         hint="the cache keeps one entry per (recurrence step, core layer); compress strategies share slots"
-        + ("; on CPU, XLA keeps an fp32 copy of every bf16 weight" if upcast else ""))
+        + (CPU_UPCAST_HINT if upcast else ""))

@@ -11,8 +11,9 @@
         k = model.mean_backprop_depth; with --official-*, the official forward+backward tokens/s.
     python tools/bench.py decode CONFIG [key=value ...] [--seq 32 --new 32 --steps 8 --batches 1,8 --checkpoint DIR
                                                          --criteria entropy-diff,kl]
-        cached generation (rdlm.generate), greedy, best of --iters (--criteria "": no exit figures): prefill tokens/s (prompt of --seq tokens) and decode
-        tokens/s (the --new - 1 tokens after the first) at each batch size and num_steps; then, at
+        cached generation (rdlm.generate), greedy, best of --iters: prefill tokens/s (prompt of --seq tokens),
+        decode tokens/s (the --new - 1 tokens after the first) and the peak RSS so far at each batch size
+        and num_steps; then (unless --criteria ""), at
         batch 1, the mean recurrence steps per token and decode tokens/s under each exit criterion
         (official default thresholds), and the KV-cache bytes of each cache strategy. Weights: random,
         or --checkpoint (rdlm checkpoint, training run or HF directory) for meaningful exit figures;
@@ -375,10 +376,10 @@ def write_synthetic_hf(cfg, dst: Path, dtype: str, shards: int) -> int:
 
 # The converter's own peak: VmHWM of the process after exec. (ru_maxrss of a child would include the
 # high-water mark it inherits from this process at fork, which holds the synthetic tensors.)
-_CONVERT_AND_REPORT_PEAK = """import resource, sys
+_CONVERT_AND_REPORT_PEAK = """import sys
 from rdlm.convert import main
 rc = main(sys.argv[1:])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmHWM')))
 sys.exit(rc)"""
 
 

@@ -41,7 +41,7 @@ def load_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Co
     than the compute dtype `model.dtype` are narrowed to it (every use casts them to it: no number changes, less
     memory); on CPU narrower ones are also widened to it, since XLA:CPU runs bf16 matmuls in fp32 and would
     keep an fp32 copy of every bf16 weight besides it (huginn-0125's bf16 weights in an fp32 model: 14.6 GiB
-    peak RSS widened on load, 7.1 GB of weights plus 17 GB of temporaries otherwise).
+    peak RSS widened on load; computed in bf16, 7.1 GB of weights plus a 14.26 GB allocation).
     """
     path = Path(path)
     if not path.is_dir():

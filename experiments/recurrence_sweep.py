@@ -20,14 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from rdlm.checkpoint import load_run  # noqa: E402
-from rdlm.data import eval_batches, load_documents, make_dataset, split_documents  # noqa: E402
 from rdlm.inference import generate  # noqa: E402
 from rdlm.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from rdlm.config import ConfigError  # noqa: E402
 from rdlm.errors import ArgumentParser, cli  # noqa: E402
+from rdlm.evaluate import heldout_batches, parse_recurrences  # noqa: E402
 from rdlm.train import evaluate  # noqa: E402
 
 
@@ -59,17 +57,6 @@ def plot(results: dict[int, float], mean_recurrence: int, path: Path) -> None:
     fig.savefig(path)
 
 
-def _recurrences(text: str) -> tuple[int, ...]:
-    """`--recurrence 1,2,4` -> (1, 2, 4); each a count >= 1."""
-    try:
-        values = tuple(int(r) for r in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise ConfigError(f"--recurrence {text!r}: expected comma-separated integers >= 1, e.g. 1,2,4,8")
-    return values
-
-
 @cli
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog=Path(__file__).name, description=__doc__,
@@ -82,14 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     run = Path(args.run_dir)
-    recurrences = _recurrences(args.recurrence)
+    recurrences = parse_recurrences(args.recurrence)
     config, params, step = load_run(run)
-    cfg, tc = config.model, config.train
+    cfg = config.model
     tokenizer = load_tokenizer(None, fallback=config.data.tokenizer, model_vocab_size=cfg.vocab_size)
-    _, val_docs = split_documents(load_documents(config.data), config.data.val_fraction)
-    batches = [jax.tree.map(jnp.asarray, b) for b in eval_batches(
-        make_dataset(val_docs, tokenizer, config.data, seq_len=tc.seq_len, per_host_batch=tc.batch_size, train=False),
-        args.batches)]
+    batches = heldout_batches(config, tokenizer, args.batches)
     results = evaluate(params, batches, recurrences, cfg)
 
     tokens = sum(int(b["loss_mask"].sum()) for b in batches)

@@ -9,6 +9,7 @@ folder holds `config.yml` and `checkpoints/STEP/` (train state, data-iterator st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -34,7 +35,7 @@ CONFIG_FILE = "config.yml"
 PARAMS_DIR = "params"
 MANIFEST_FILE = "files.json"
 RESUME_SECTIONS = ("model", "data", "optim")  # what a resumed run must keep; train.* and mesh.* may change
-RESUME_FREE = {"model.attention"}  # compute choices inside those sections, free to change
+RESUME_FREE = {"model.attention", "data.prefetch"}  # compute choices inside those sections, free to change
 
 
 class CheckpointError(RdlmError, ValueError):
@@ -207,7 +208,7 @@ class TrainCheckpointer:
             before = config_from_dict(saved, f"{self.directory / str(step)}/config")
         except Exception:  # noqa: BLE001 (an unreadable config is damage: the restore below sets the step aside)
             return
-        old, new = to_dict(before), to_dict(config)
+        old, new = (to_dict(dataclasses.replace(c, optim=c.optim.resolved())) for c in (before, config))
         changed = [f"{section}.{key} ({old[section][key]!r} in the checkpoint, {value!r} now)"
                    for section in RESUME_SECTIONS for key, value in new[section].items()
                    if old[section].get(key) != value and f"{section}.{key}" not in RESUME_FREE]

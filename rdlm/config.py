@@ -173,16 +173,31 @@ class DataConfig:
     prefetch: int = field(default=2, metadata=_check(ge=0))  # batches prepared by a background thread
 
 
+# Each optimizer's own values for the OptimConfig fields left at None (`OptimConfig.setting`); a field
+# an optimizer does not list does not apply to it, and setting it is an error.
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adamw": {"eps": 1e-8},  # official recpre/settings.py optim_config
+    # eps: ELLISAdam's own default (the launch config left it out); the flags: huginn-0125's launch config
+    "ellis-adam": {"eps": 1e-6, "atan2": True, "update_clipping": True, "running_init": True},
+}
+
+
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with a warmup-stable-decay schedule. Defaults: huginn-0125's launch config
-    (launch_configs/frontier_nebel_512_nodes.yaml: lr 4e-5, betas 0.9/0.95, weight decay 4e-5 fully
-    decoupled, 4096 warmup and 4096 cooldown steps, linear, min lr 0; clip 1.0 from settings.py)."""
+    """Adam-type optimizer with a warmup-stable-decay schedule (rdlm.optim). Defaults: huginn-0125's launch
+    config (launch_configs/frontier_nebel_512_nodes.yaml: lr 4e-5, betas 0.9/0.95, weight decay 4e-5 fully
+    decoupled, 4096 warmup and 4096 cooldown steps, linear, min lr 0; clip 1.0 from settings.py).
 
+    `name`: adamw (optax's Adam moments; the default) or ellis-adam (the official ELLISAdam, which the
+    launch config used, with its flags atan2, update_clipping and running_init). Fields left at None (eps
+    and those flags) take the chosen optimizer's value from `OPTIMIZER_DEFAULTS`, so
+    `optim.name=ellis-adam` alone is the launch config; the flags are refused with adamw."""
+
+    name: str = field(default="adamw", metadata=_check(choices=tuple(OPTIMIZER_DEFAULTS)))
     lr: float = field(default=4e-5, metadata=_check(gt=0))
     b1: float = field(default=0.9, metadata=_check(ge=0, le=1))
     b2: float = field(default=0.95, metadata=_check(ge=0, le=1))
-    eps: float = field(default=1e-8, metadata=_check(gt=0))
+    eps: float | None = field(default=None, metadata=_check(gt=0))  # None: adamw 1e-8, ellis-adam 1e-6
     weight_decay: float = field(default=4e-5, metadata=_check(ge=0))
     # Official `decouple_wd`: each step multiplies weights by 1 - weight_decay * lr_t / lr (independent
     # of the lr's size); False: the usual AdamW 1 - lr_t * weight_decay.
@@ -191,6 +206,30 @@ class OptimConfig:
     cooldown_steps: int = field(default=4096, metadata=_check(ge=0))
     min_lr: float = field(default=0.0, metadata=_check(ge=0))
     grad_clip: float = field(default=1.0, metadata=_check(ge=0))  # global norm; 0 disables
+    # ellis-adam only (None: True). atan2 (official `atan_adam`): the update is atan2(m, sqrt(v)) instead
+    # of m / (sqrt(v) + eps); update_clipping: each tensor's step is divided by max(1, RMS(g / sqrt(v)));
+    # running_init: the moments start at the first gradient (m = g, v = g^2) instead of zeros.
+    atan2: bool | None = None
+    update_clipping: bool | None = None
+    running_init: bool | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("atan2", "update_clipping", "running_init"):
+            value = getattr(self, key)
+            if value is not None and key not in OPTIMIZER_DEFAULTS[self.name]:
+                users = [name for name, own in OPTIMIZER_DEFAULTS.items() if key in own]
+                raise ConfigError(f"optim.{key}={json.dumps(value)} applies only to optim.name={' or '.join(users)}, "
+                                  f"not {self.name}")
+
+    def setting(self, key: str) -> Any:
+        """The value of field `key`, or the chosen optimizer's own when it is None."""
+        value = getattr(self, key)
+        return OPTIMIZER_DEFAULTS[self.name].get(key) if value is None else value
+
+    def resolved(self) -> OptimConfig:
+        """This config with every field left at None set to the chosen optimizer's value (what runs: a run
+        saved with `eps: 1e-08` and one leaving adamw's eps at None are the same run)."""
+        return dataclasses.replace(self, **{k: self.setting(k) for k in OPTIMIZER_DEFAULTS[self.name]})
 
 
 @dataclass(frozen=True)
@@ -202,9 +241,9 @@ class TrainConfig:
     grad_accum: int = field(default=1, metadata=_check(ge=1))  # micro-batches per step
     seq_len: int = field(default=256, metadata=_check(ge=2))
     seed: int = field(default=0, metadata=_check(ge=0))
-    # poisson-lognormal: the official sampler around model.mean_recurrence; fixed: always
-    # mean_recurrence steps, of which the last mean_backprop_depth get gradients.
-    recurrence: str = field(default="poisson-lognormal", metadata=_check(choices=("poisson-lognormal", "fixed")))
+    # The depth sampler (official `sampling_scheme`; rdlm.recurrence): one of RECURRENCE_SCHEMES, optionally
+    # `<scheme>-curriculum-N` (t and s ramp up over the first N steps). huginn-0125's is the default.
+    recurrence: str = "poisson-lognormal-filling"
     param_dtype: str = field(default="float32", metadata=_check(choices=("float32", "bfloat16")))  # master weights
     # What each grad step of the recurrence keeps for the backward (rdlm.model.REMAT_POLICIES): full keeps
     # only its input latent; nested too, and recomputes it layer by layer (least memory); projections also
@@ -218,15 +257,55 @@ class TrainConfig:
     nonfinite: str = field(default="stop", metadata=_check(choices=("stop", "skip")))
     max_nonfinite_steps: int = field(default=20, metadata=_check(ge=1))  # consecutive skipped steps that end a run
     log_every: int = field(default=10, metadata=_check(ge=1))
+    tensorboard: bool = True  # TensorBoard event files beside metrics.jsonl (tensorboardX)
     eval_every: int = field(default=200, metadata=_check(ge=1))
     eval_batches: int = field(default=8, metadata=_check(ge=1))
-    eval_recurrence: tuple = (1, 4, 8, 16, 32)
+    eval_recurrence: tuple = (1, 4, 8, 16, 32, 64)  # validation depths, as the official trainer logs
     checkpoint_every: int = field(default=500, metadata=_check(ge=1))
     keep_checkpoints: int = field(default=3, metadata=_check(ge=1))
     async_checkpoint: bool = True
     out_dir: str = "runs/train"  # config.yml, metrics.jsonl (process 0); local
     checkpoint_dir: str = ""  # default: {out_dir}/checkpoints; multi-host runs need shared storage (gs://...)
     restart_from_scratch: bool = False  # when every checkpoint was found damaged: train from step 0 (else refuse)
+
+    def __post_init__(self) -> None:
+        parse_recurrence(self.recurrence)
+
+
+# The official `sampling_scheme` names (recpre/model_dynamic.py), by their formulas in rdlm.recurrence.
+RECURRENCE_SCHEMES = ("poisson-lognormal-filling", "poisson-lognormal", "poisson-lognormal-fill", "poisson-fill",
+                      "poisson-unbounded", "poisson-bounded", "negative-binomial", "simple", "non-uniform", "bptt",
+                      "geometric", "fixed", "full", "non-recurrent")
+# Those whose formula needs t = mean_recurrence - mean_backprop_depth >= 1 (a log, a 1/t or a draw below 2t).
+_RECURRENCE_NEEDS_T = ("poisson-lognormal", "poisson-lognormal-fill", "poisson-bounded", "negative-binomial",
+                       "simple", "non-uniform", "bptt", "geometric")
+_CURRICULUM = re.compile(r"(.+)-curriculum-([0-9]+)")
+
+
+def parse_recurrence(scheme: str) -> tuple[str, int | None]:
+    """`train.recurrence` -> (scheme, curriculum steps or None): `poisson-fill-curriculum-500` ->
+    ('poisson-fill', 500). Names match exactly (the official matches substrings in a fixed order)."""
+    match = _CURRICULUM.fullmatch(scheme)
+    base, ramp = (match[1], int(match[2])) if match else (scheme, None)
+    if base not in RECURRENCE_SCHEMES or ramp == 0:
+        raise ConfigError(f"train.recurrence: {scheme!r} is not one of {list(RECURRENCE_SCHEMES)}, each optionally "
+                          f"followed by -curriculum-N (a ramp over the first N >= 1 steps)")
+    return base, ramp
+
+
+def check_recurrence(scheme: str, model: ModelConfig) -> tuple[str, int | None]:
+    """`parse_recurrence`, and whether `model`'s depths suit the scheme's formula."""
+    base, ramp = parse_recurrence(scheme)
+    t, s = model.mean_recurrence - model.mean_backprop_depth, model.mean_backprop_depth
+    if t < 1 and base in _RECURRENCE_NEEDS_T:
+        allowed = [name for name in RECURRENCE_SCHEMES if name not in _RECURRENCE_NEEDS_T]
+        raise ConfigError(f"train.recurrence={scheme} needs model.mean_recurrence={model.mean_recurrence} above "
+                          f"model.mean_backprop_depth={s} (its formula needs t = their difference >= 1); schemes "
+                          f"that allow t = 0: {allowed}")
+    if ramp is not None and ramp * (max(t, s) + 1) >= 2**31:
+        raise ConfigError(f"train.recurrence={scheme}: a ramp of {ramp} steps is too long for int32 step arithmetic "
+                          f"at mean_recurrence={model.mean_recurrence}")
+    return base, ramp
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -304,6 +383,7 @@ class Config:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.block_size={self.model.block_size}")
         if any(not isinstance(r, int) or r < 0 for r in self.train.eval_recurrence):
             raise ConfigError(f"train.eval_recurrence={list(self.train.eval_recurrence)} must be integers >= 0")
+        check_recurrence(self.train.recurrence, self.model)
 
 
 # ---- building and validation ---------------------------------------------------------------------

@@ -29,6 +29,7 @@ from rdlm.config import Config, ModelConfig, dump_config
 from rdlm.errors import ArgumentParser, cli
 from rdlm.hf import iter_hf_params, read_hf, write_hf
 from rdlm.params import count_params, unflatten
+from rdlm.progress import track
 from rdlm.tokenizer import HF_FILE, SP_FILE, TOKENIZER_FILES, load_tokenizer
 
 SAVE_BATCH_BYTES = 256 * 2**20  # small tensors are gathered up to this size per Orbax partial save
@@ -50,7 +51,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, o
         load_tokenizer(src, model_vocab_size=cfg.vocab_size)  # a tokenizer that does not load or fit fails here
     with staging_dir(Path(dst), overwrite) as tmp, _save_context():
         batch: dict[tuple, np.ndarray] = {}
-        for spec, x in iter_hf_params(pairs, dtype):
+        for spec, x in track(iter_hf_params(pairs, dtype), "converting tensors", total=len(pairs)):
             if batch and sum(a.nbytes for a in batch.values()) + x.nbytes > SAVE_BATCH_BYTES:
                 ocp.partial.save(tmp / PARAMS_DIR, unflatten(batch))
                 batch = {}

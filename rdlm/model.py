@@ -231,6 +231,18 @@ def resolve_remat(remat: str) -> str:
 # ---- the recurrent-depth model -------------------------------------------------------------------
 
 
+class StepLatents(NamedTuple):
+    """`rdlm.forward(..., return_step_latents=True)`: the final fp32 `logits` and `latent` (after ln_f) as
+    without it, plus each recurrence's latent after ln_f, `step_latents [max_steps, batch, seq, n_embd]` in
+    the compute dtype, and with `decode_steps` each one's logit lens through coda, ln_f and head,
+    `step_logits [max_steps, batch, positions, vocab_size]` in fp32 (else None). Entry i is the state after
+    i + 1 recurrences (`step_latents[num_steps - 1]` is `latent`); entries from num_steps on are zeros."""
+    logits: jax.Array
+    latent: jax.Array
+    step_latents: jax.Array
+    step_logits: jax.Array | None
+
+
 class Huginn(nnx.Module):
     """prelude -> `num_steps` x (adapter, core) -> coda, all blocks SandwichBlocks.
 
@@ -314,16 +326,57 @@ class Huginn(nnx.Module):
         return x, latent, auxes
 
     def apply(self, input_ids: jax.Array, num_steps: jax.Array, init_state: jax.Array | None, init_scale: jax.Array,
-              rng: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """The forward with every argument explicit (traced): (fp32 logits, final latent after ln_f)."""
+              rng: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, *, max_steps: int | None = None,
+              decode_steps: bool = False, decode_positions: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array] | StepLatents:
+        """The forward with every argument explicit (traced): (fp32 logits, final latent after ln_f). With a
+        static `max_steps`, a `StepLatents` that also records the recurrences (`step_buffers`, `record_step`)."""
         cfg = self.config
         mix = causal_mixer(rope_angles(positions, cfg.head_dim, cfg.rope_base), positions, segment_ids, cfg.attention)
         embedded, _ = self.run(self.prelude, self.embed(input_ids), mix)
         state = self.start(rng, embedded, init_scale) if init_state is None else init_state
-        state = jax.lax.fori_loop(0, num_steps, lambda _, s: self.core_step(s, embedded, mix)[0],
-                                  state.astype(self.config.dtype))
+        state = state.astype(cfg.dtype)
+        record = None if max_steps is None else self.step_buffers(state, max_steps, decode_steps, decode_positions)
+
+        def step(i: jax.Array, carry: tuple[jax.Array, Any]) -> tuple[jax.Array, Any]:
+            s, rec = carry
+            s = self.core_step(s, embedded, mix)[0]
+            return s, None if rec is None else self.record_step(rec, i, s, mix, decode_positions)
+
+        state, record = jax.lax.fori_loop(0, num_steps, step, (state, record))
         logits, latent, _ = self.readout(state, mix)
-        return logits, latent
+        return (logits, latent) if record is None else StepLatents(logits, latent, *record)
+
+    def step_buffers(self, state: jax.Array, max_steps: int, decode_steps: bool, decode_positions: jax.Array | None
+                     ) -> tuple[jax.Array, jax.Array | None]:
+        """Zeros for `record_step`: latents `[max_steps, *state.shape]` in the compute dtype and, with
+        `decode_steps`, fp32 logits `[max_steps, batch, positions, vocab_size]` (positions: `decode_positions
+        [batch, k]`'s k, else the whole sequence)."""
+        latents = jnp.zeros((max_steps, *state.shape), state.dtype)
+        if not decode_steps:
+            return latents, None
+        batch, seq = state.shape[:2]
+        k = seq if decode_positions is None else decode_positions.shape[1]
+        return latents, jnp.zeros((max_steps, batch, k, self.config.vocab_size), jnp.float32)
+
+    def record_step(self, record: tuple[jax.Array, jax.Array | None], i: jax.Array, state: jax.Array, mix: Mixer,
+                    decode_positions: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        """Slot i of the buffers := the latent after recurrence i + 1, after ln_f, and (when decoding) its
+        logits through coda, ln_f and head, at `decode_positions [batch, k]` when given (the coda still
+        attends over the whole sequence). A step past the buffers (only a traced num_steps > max_steps can
+        reach one) runs but is not recorded: the last slot keeps its own value."""
+        latents, logits = record
+        slot, kept = jnp.minimum(i, latents.shape[0] - 1), i < latents.shape[0]
+
+        def write(buffer: jax.Array, entry: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_update_index_in_dim(buffer, jnp.where(kept, entry, buffer[slot]), slot, 0)
+
+        if logits is None:
+            return write(latents, self.ln_f(state)), None
+        x, latent, _ = self.decoded(state, mix)
+        if decode_positions is not None:
+            x = jnp.take_along_axis(x, decode_positions[..., None], axis=1)
+        return write(latents, latent), write(logits, self.head(x))
 
     def train_logits(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array, n: jax.Array,
                      k: jax.Array, rng: jax.Array, remat: str = "full") -> jax.Array:
@@ -363,13 +416,14 @@ class Huginn(nnx.Module):
 
     def __call__(self, input_ids: Any, num_steps: int | jax.Array, *, init_state: jax.Array | None = None,
                  init_scale: float = 1.0, rng: jax.Array | None = None, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, return_latents: bool = False) -> Any:
+                 segment_ids: jax.Array | None = None, return_latents: bool = False, return_step_latents: bool = False,
+                 max_steps: int | None = None, decode_steps: bool = False, decode_positions: Any = None) -> Any:
         """As `rdlm.forward`, for this module as it stands (its own components included): split, then one
         jitted function of (graphdef, state)."""
         graphdef, state = nnx.split(self)
         args = _checked(input_ids, self.config, num_steps, init_state, init_scale, rng, positions)
-        logits, latents = _apply_split(graphdef, state, *args, segment_ids)
-        return (logits, latents) if return_latents else logits
+        recording = _recording(args[0].shape, num_steps, return_step_latents, max_steps, decode_steps, decode_positions)
+        return _returned(_apply_split(graphdef, state, *args, segment_ids, **recording), return_latents)
 
 
 # ---- the functional split -------------------------------------------------------------------------
@@ -418,17 +472,31 @@ def params_of(model: Huginn) -> Params:
     return tree
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_steps", "decode_steps"))
 def apply(params: Params, input_ids: jax.Array, num_steps: jax.Array, init_state: jax.Array | None,
           init_scale: jax.Array, rng: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-          cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """The jitted forward with every argument explicit: (fp32 logits, final latent after ln_f)."""
-    return merge(params, cfg).apply(input_ids, num_steps, init_state, init_scale, rng, positions, segment_ids)
+          cfg: ModelConfig, *, max_steps: int | None = None, decode_steps: bool = False,
+          decode_positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array] | StepLatents:
+    """The jitted forward with every argument explicit: (fp32 logits, final latent after ln_f), or with a
+    static `max_steps` the `StepLatents` of `Huginn.apply`."""
+    return merge(params, cfg).apply(input_ids, num_steps, init_state, init_scale, rng, positions, segment_ids,
+                                    max_steps=max_steps, decode_steps=decode_steps, decode_positions=decode_positions)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _apply_split(graphdef: nnx.GraphDef, state: nnx.State, *args: Any) -> tuple[jax.Array, jax.Array]:
-    return nnx.merge(graphdef, state).apply(*args)
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "decode_steps"))
+def _apply_split(graphdef: nnx.GraphDef, state: nnx.State, *args: Any, max_steps: int | None = None,
+                 decode_steps: bool = False, decode_positions: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array] | StepLatents:
+    return nnx.merge(graphdef, state).apply(*args, max_steps=max_steps, decode_steps=decode_steps,
+                                            decode_positions=decode_positions)
+
+
+def _known(x: Any) -> np.ndarray | None:
+    """x's value when it is known outside a trace (Python, NumPy, a concrete jax array), else None."""
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None
 
 
 def _checked(input_ids: Any, config: ModelConfig, num_steps: int | jax.Array, init_state: jax.Array | None,
@@ -440,8 +508,9 @@ def _checked(input_ids: Any, config: ModelConfig, num_steps: int | jax.Array, in
     batch, seq = input_ids.shape
     if not 1 <= seq <= config.block_size:
         raise ValueError(f"input_ids has {seq} positions; valid range is 1..block_size={config.block_size}")
-    if isinstance(num_steps, (int, np.integer)) and num_steps < 0:
-        raise ValueError(f"num_steps={num_steps} must be >= 0")
+    steps = _known(num_steps)
+    if steps is not None and steps < 0:
+        raise ValueError(f"num_steps={steps} must be >= 0")
     expected = (batch, seq, config.n_embd)
     if init_state is not None and tuple(init_state.shape) != expected:
         raise ValueError(f"init_state has shape {tuple(init_state.shape)}, expected {expected} [batch, seq, n_embd]")
@@ -451,42 +520,87 @@ def _checked(input_ids: Any, config: ModelConfig, num_steps: int | jax.Array, in
             jax.random.key(0) if rng is None else rng, positions)
 
 
+def _recording(shape: tuple[int, int], num_steps: int | jax.Array, return_step_latents: bool, max_steps: int | None,
+               decode_steps: bool, decode_positions: Any) -> dict[str, Any]:
+    """`Huginn.apply`'s recording keywords from the forward's, checked (named errors) and defaulted: none
+    without `return_step_latents`; `max_steps` defaults to a known num_steps (at least 1); `decode_positions`
+    (`[k]` or `[batch, k]`, negative from the end) becomes `[batch, k]`."""
+    if not return_step_latents:
+        given = [name for name, on in (("max_steps", max_steps is not None), ("decode_steps", decode_steps),
+                                        ("decode_positions", decode_positions is not None)) if on]
+        if given:
+            raise ValueError(f"{given[0]} applies only with return_step_latents=True")
+        return {}
+    steps = _known(num_steps)
+    if max_steps is None:
+        if steps is None:
+            raise ValueError("max_steps is required when num_steps is traced (a static int >= 1: the length of the "
+                             "per-step buffers)")
+        max_steps = max(int(steps), 1)
+    lowest = 1 if steps is None else max(int(steps), 1)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < lowest:
+        raise ValueError(f"max_steps={max_steps!r} is out of range; valid range is an int >= {lowest}"
+                         + ("" if steps is None else f" (num_steps={int(steps)}, at least 1)"))
+    if decode_positions is not None and not decode_steps:
+        raise ValueError("decode_positions applies only with decode_steps=True")
+    positions = None if decode_positions is None else _decode_positions(decode_positions, *shape)
+    return dict(max_steps=int(max_steps), decode_steps=bool(decode_steps), decode_positions=positions)
+
+
+def _decode_positions(positions: Any, batch: int, seq: int) -> jax.Array:
+    """Positions to decode per step, `[k]` (every row) or `[batch, k]`, checked -> int32 `[batch, k]`."""
+    p = jnp.asarray(positions)
+    if (not jnp.issubdtype(p.dtype, jnp.integer) or p.ndim not in (1, 2) or p.shape[-1] == 0
+            or (p.ndim == 2 and p.shape[0] not in (1, batch))):
+        raise ValueError(f"decode_positions must be integer positions [k] or [batch={batch}, k], k >= 1, got "
+                         f"{p.dtype}{list(p.shape)}")
+    known = _known(p)
+    if known is not None and ((known < -seq) | (known >= seq)).any():
+        raise ValueError(f"decode_positions {known.tolist()} out of range; valid range is -{seq}..{seq - 1} "
+                         f"(seq={seq})")
+    return jnp.broadcast_to(jnp.where(p < 0, p + seq, p), (batch, p.shape[-1])).astype(jnp.int32)
+
+
+def _returned(out: tuple[jax.Array, jax.Array] | StepLatents, return_latents: bool) -> Any:
+    """The forward's return value: the `StepLatents` when recorded, else logits (and the final latent)."""
+    if isinstance(out, StepLatents):
+        return out
+    return out if return_latents else out[0]
+
+
 def forward(params: Params, input_ids: jax.Array, config: ModelConfig, *, num_steps: int | jax.Array,
             init_state: jax.Array | None = None, init_scale: float = 1.0, rng: jax.Array | None = None,
             positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-            return_latents: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+            return_latents: bool = False, return_step_latents: bool = False, max_steps: int | None = None,
+            decode_steps: bool = False, decode_positions: Any = None
+            ) -> jax.Array | tuple[jax.Array, jax.Array] | StepLatents:
     """Logits `[batch, seq, vocab_size]` in fp32 after `num_steps` recurrences of the core block.
 
     The initial latent is `init_state` when given, else `config.state_init` (official: like-init noise)
     scaled by `init_scale` (0 gives zeros) drawn from `rng` (default: key 0, so calls are reproducible).
     `positions`/`segment_ids` `[batch, seq]` serve packed sequences (default: 0..seq-1, one segment).
     With `return_latents`, also returns the final latent state after `ln_f`, as the official does.
+
+    With `return_step_latents`, returns a `StepLatents` (whatever `return_latents`): also the latent after
+    ln_f of every recurrence, `[max_steps, batch, seq, n_embd]`, and with `decode_steps` each one through
+    coda, ln_f and head (a logit lens per step), fp32 `[max_steps, batch, k, vocab_size]`. num_steps is
+    traced (one compile for every depth) and an output's length cannot be, so the steps go into buffers of
+    a static length `max_steps` (default: num_steps, at least 1), carried through the recurrence's loop and
+    written in place one slot a step: every num_steps <= max_steps shares one compile, entries from
+    num_steps on stay zeros, and decoding costs one coda + head per recurrence actually run (no second
+    loop, no compile per depth). A traced num_steps above max_steps still runs all its steps, recording
+    the first max_steps. Memory: the buffers hold max_steps x batch x (seq x n_embd in the compute dtype
+    + k x vocab_size x 4 bytes), e.g. huginn-0125 at 32 steps over one sequence of 4096 tokens: 1.4 GB of
+    bf16 latents, and 34 GB of logits at every position but 8 MB at `decode_positions=[-1]` (positions
+    `[k]` for every row or `[batch, k]`, negative from the end; the coda still attends over the whole
+    sequence).
     """
     args = _checked(input_ids, config, num_steps, init_state, init_scale, rng, positions)
-    logits, latents = apply(params, *args, segment_ids, config)
-    return (logits, latents) if return_latents else logits
+    recording = _recording(args[0].shape, num_steps, return_step_latents, max_steps, decode_steps, decode_positions)
+    return _returned(apply(params, *args, segment_ids, config, **recording), return_latents)
 
 
-# ---- training: sampled depth and truncated backpropagation ---------------------------------------
-
-
-def sample_recurrence(key: jax.Array, cfg: ModelConfig, scheme: str = "poisson-lognormal") -> tuple[jax.Array, jax.Array]:
-    """(n, k): recurrences without and with gradient for one training step.
-
-    The official `randomized_iteration_sampler`: a log-normal Poisson rate with mean
-    `mean_recurrence` (sigma 0.5), p = Poisson(rate) + 1, n = max(p - s, 0), k = min(s, p) with
-    s = mean_backprop_depth. `fixed`: always mean_recurrence steps, the last s of them with gradient.
-    """
-    s = cfg.mean_backprop_depth
-    if scheme == "fixed":
-        return jnp.int32(max(cfg.mean_recurrence - s, 0)), jnp.int32(min(s, cfg.mean_recurrence))
-    t = max(cfg.mean_recurrence - s, 0)
-    sigma = 0.5
-    mu = np.log(t + s) - sigma**2 / 2
-    k_rate, k_poisson = jax.random.split(key)
-    rate = jnp.exp(mu + sigma * jax.random.normal(k_rate))
-    p = jax.random.poisson(k_poisson, rate) + 1
-    return jnp.maximum(p - s, 0).astype(jnp.int32), jnp.minimum(s, p).astype(jnp.int32)
+# ---- training: truncated backpropagation (the depths come from rdlm.recurrence) ----------------------
 
 
 def forward_train(params: Params, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,

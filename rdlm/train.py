@@ -178,21 +178,31 @@ class _Log:
     def __init__(self, path: Path, total: int, enabled: bool, tensorboard: bool = True):
         self.total, self.enabled, self.start = total, enabled, time.time()
         self.file = open(path, "a") if enabled else None
-        self.board = SummaryWriter(str(path.parent), flush_secs=30) if enabled and tensorboard else None
+        self.board_dir = path.parent if enabled and tensorboard else None
+        self.board: SummaryWriter | None = None  # opened at the first scalar: a finished run adds no empty file
 
     def record(self, **row: Any) -> None:
-        """One JSON line; a NaN or inf value is written as null and its key listed under `nonfinite`. Rows with a
-        `step` also go to TensorBoard: their numbers as `train/KEY`, an `eval` dict as `val/loss_rR`."""
-        if self.enabled:
-            bad = sorted(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v))
-            row = {k: None if k in bad else v for k, v in row.items()} | ({"nonfinite": bad} if bad else {})
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
-        if self.board is not None and "step" in row and "event" not in row:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.board.add_scalar(f"train/{key}", value, row["step"])
-            for r, loss in (row.get("eval") or {}).items():
+        """One JSON line; a NaN or inf value (also one of an `eval` dict) is written as null and its key listed
+        under `nonfinite`. Rows with a `step` also go to TensorBoard: their numbers as `train/KEY`, an `eval`
+        dict as `val/loss_rR`."""
+        if not self.enabled:
+            return
+        finite = lambda v: not isinstance(v, float) or math.isfinite(v)  # noqa: E731
+        bad = sorted(k for k, v in row.items() if not finite(v))
+        evals = {r: v if finite(v) else None for r, v in row.get("eval", {}).items()}
+        bad += [f"eval.{r}" for r, v in evals.items() if v is None]
+        row = {k: None if k in bad else v for k, v in row.items()} | ({"eval": evals} if evals else {})
+        self.file.write(json.dumps(row | ({"nonfinite": bad} if bad else {})) + "\n")
+        self.file.flush()
+        if self.board_dir is None or "step" not in row or "event" in row:
+            return
+        if self.board is None:
+            self.board = SummaryWriter(str(self.board_dir), flush_secs=30)
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.board.add_scalar(f"train/{key}", value, row["step"])
+        for r, loss in evals.items():
+            if loss is not None:
                 self.board.add_scalar(f"val/loss_r{r}", loss, row["step"])
 
     def line(self, step: int, text: str) -> None:

@@ -42,8 +42,8 @@ def test_encode_pair_moves_trailing_space_to_the_continuation(model):
 def test_cli_scores_equal_direct_computation(chat_checkpoint, model, tmp_path):
     config, params, tok = model
     cfg = config.model
-    choices = [{"context": "Two plus two is", "choices": [" four", " five", " banana"], "answer": 0},
-               {"context": "The sky is", "choices": [" blue", " loud"], "answer": 1}]
+    choices = [{"context": "Two plus two is", "choices": ["four", "five", "banana"], "answer": 0},
+               {"context": "The sky is", "choices": ["blue", "loud"], "answer": 1}]
     prompts = ["Say hi:", "Count: one two"]
     greedy = rdlm.generate(params, [tok.encode(p) for p in prompts], cfg, max_new_tokens=4, num_steps=2,
                            stop_ids=tok.stop_ids)
@@ -64,7 +64,7 @@ def test_cli_scores_equal_direct_computation(chat_checkpoint, model, tmp_path):
     for r in (1, 2):
         expected = []
         for item in choices:
-            ll = [choice_logprob(params, cfg, tok, item["context"], c, r) for c in item["choices"]]
+            ll = [choice_logprob(params, cfg, tok, item["context"], " " + c, r) for c in item["choices"]]
             expected.append(int(np.argmax(ll)) == item["answer"])
         assert results["mc"][str(r)]["acc"] == pytest.approx(np.mean(expected))
     assert results["qa"]["r=2"]["exact_match"] == 0.5 and results["qa"]["r=2"]["steps_per_token"] == 2
@@ -77,6 +77,12 @@ def test_bad_items_name_file_line_and_field(tmp_path):
     bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
     with pytest.raises(EvaluationError, match=r"bad.jsonl:2: field 'answer' is missing or not a str"):
         read_items(bad, {"prompt": str, "answer": str})
+    bad.write_text('{"prompt": "1+1=", "answer": true}\n')
+    with pytest.raises(EvaluationError, match=r"bad.jsonl:1: field 'answer' is missing or not a str"):
+        read_items(bad, {"prompt": str, "answer": str})
+    bad.write_bytes(b'{"prompt": "\xff"}\n')
+    with pytest.raises(EvaluationError, match=r"bad.jsonl is not UTF-8 text"):
+        read_items(bad, {"prompt": str, "answer": str})
     bad.write_text("not json\n")
     with pytest.raises(EvaluationError, match=r"bad.jsonl:1: not JSON"):
         read_items(bad, {"prompt": str, "answer": str})
@@ -87,6 +93,9 @@ def test_bad_items_name_file_line_and_field(tmp_path):
     (["--criteria", "bogus", "--answers", "x.jsonl"], "unknown exit criterion 'bogus'"),
     (["--criteria", "kl"], "--criteria needs --answers"),
     (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    (["--stop", ""], "--stop '' is empty"),
+    (["--answers", "a/qa.jsonl", "--answers", "b/qa.jsonl"], "task name 'qa'"),
+    ([], "is not a training run, so it has no held-out split"),
 ])
 def test_bad_flags_are_named(chat_checkpoint, args, needle, capsys):
     assert main(["--checkpoint", str(chat_checkpoint), *args]) == 1
@@ -96,5 +105,5 @@ def test_bad_flags_are_named(chat_checkpoint, args, needle, capsys):
 def test_answer_out_of_range_is_refused(chat_checkpoint, tmp_path, capsys):
     mc = write_jsonl(tmp_path / "mc.jsonl", [{"context": "a", "choices": ["b", "c"], "answer": 2}])
     assert main(["--checkpoint", str(chat_checkpoint), "--no-perplexity", "--choices", mc]) == 1
-    assert "item 0: answer 2 is not an index of its 2 choices" in capsys.readouterr().err
+    assert "line 1: answer 2 is not an index of its 2 choices" in capsys.readouterr().err
 

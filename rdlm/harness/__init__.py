@@ -7,7 +7,7 @@ Model args (`--model_args k=v,...` or `simple_evaluate(model="rdlm", model_args=
 rdlm checkpoint, training run folder or HF huginn directory, as `python -m rdlm.inference` takes),
 `num_steps` (recurrences per token; default the checkpoint's `model.mean_recurrence`), `exit_criterion`
 and `exit_threshold` (per-token exits in `generate_until`, as `rdlm.generate`; scoring requests are then
-refused: a scoring pass has no per-token exit), `batch_size` (default 8; wins over lm-eval's `--batch_size`), `dtype` (`float32` or `bfloat16`, the compute dtype; default the checkpoint's),
+refused: a scoring pass has no per-token exit), `batch_size` (wins over lm-eval's `--batch_size`, which is 1 unless given: pass one of them), `dtype` (`float32` or `bfloat16`, the compute dtype; default the checkpoint's),
 `tokenizer` (default: the checkpoint's), `init_scale` (initial latent noise, 0: zeros), `seed`,
 `max_gen_toks` (default for tasks that set none). lm-eval's `--device` is ignored: JAX runs on its
 default backend (`JAX_PLATFORMS` chooses).

@@ -8,8 +8,9 @@ column's digits and the carry, as in the length-generalisation literature, inste
 first digit.
 Writes OUT_DIR/train.jsonl (`{"text": ...}`, what `data.source=jsonl` reads), two prompt/answer sets for
 `python -m rdlm.evaluate --answers`: test.jsonl (2 to 4 terms, as trained) and test_long.jsonl (5 and 6 terms:
-longer than any training problem), and OUT_DIR/tokenizer.model: one piece per character, so every digit is its
-own token. Problems in the test sets never occur in training. Generated here (no download), from the seed.
+longer than any training problem), the same problems as multiple choice for `--choices` (test_choices.jsonl,
+test_long_choices.jsonl: the sum against two near misses, off by 1, 2 or 10), and OUT_DIR/tokenizer.model: one
+piece per character, so every digit is its own token. Problems in the test sets never occur in training. Generated here (no download), from the seed.
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def problems(rng: random.Random, count: int, terms: tuple[int, ...], exclude: se
     return list(out.items())
 
 
+def choices(rng: random.Random, answer: str) -> tuple[list[str], int]:
+    """(the answer and two near misses of it, shuffled; the answer's index), all written as answers are."""
+    total, misses = int(answer[::-1]), set()
+    while len(misses) < 2:
+        miss = total + rng.choice((-10, -2, -1, 1, 2, 10))
+        if miss >= 0 and miss != total:
+            misses.add(miss)
+    options = [answer, *(str(m)[::-1] for m in sorted(misses))]
+    rng.shuffle(options)
+    return options, options.index(answer)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -69,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     long = problems(rng, args.test, LONG_TERMS, set())
     train = problems(rng, args.train, TRAIN_TERMS, {p for p, _ in test})
     write_jsonl(out / "train.jsonl", [{"text": p + a} for p, a in train])
+    near = random.Random(args.seed + 1)  # its own stream: the problems do not depend on it
     for name, rows in (("test", test), ("test_long", long)):
         write_jsonl(out / f"{name}.jsonl", [{"prompt": p, "answer": a} for p, a in rows])
+        write_jsonl(out / f"{name}_choices.jsonl", [dict(zip(("context", "choices", "answer"), (p, *choices(near, a))))
+                                                    for p, a in rows])
     # no room for merges: the special and byte pieces, sentencepiece's word-boundary piece and one per character
     pieces = MIN_SP_VOCAB + 1 + len({c for p, a in train + test + long for c in p + a})
     train_tokenizer([p + a for p, a in train], out / "tokenizer", pieces)

@@ -185,6 +185,7 @@ def plot(results: dict[str, dict], path: Path, mean_recurrence: int) -> None:
     ax.axvline(mean_recurrence, color="gray", linestyle="--", linewidth=1, label=f"training mean ({mean_recurrence})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("test-time recurrence (core iterations)")
+    ax.set_ylabel("score (metric in the legend)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,8 @@ class SentencePieceTokenizer(Tokenizer):
         return i if self.sp.id_to_piece(i) == token else None
 
     def decode(self, ids: Any, *, skip_special: bool = False) -> str:
-        ids = [int(i) for i in ids]
+        # ids past the vocabulary (a model's padded embedding rows can be sampled) read as unk, not an error
+        ids = [int(i) if 0 <= int(i) < self.vocab_size else self.sp.unk_id() for i in ids]
         if skip_special:
             return self.sp.decode(ids)
         text, run = [], []  # sentencepiece drops control pieces (bos, eos, pad): write them out between runs

@@ -65,6 +65,8 @@ def test_sp_round_trip_and_ids(sp):
     assert (sp.pad, sp.bos, sp.eos, sp.vocab_size) == (0, 2, 3, 512)
     assert sp.stop_ids == (sp.eos,) and sp.token_id("<|end_turn|>") is None and sp.token_id("</s>") == sp.eos
     assert sp.chat_template is None
+    # a model's padded embedding rows past the vocabulary can be generated: they read as unk
+    assert sp.decode([*sp.encode("ab")[1:], sp.vocab_size, 10**6]) == sp.decode([*sp.encode("ab")[1:], 1, 1])
     with pytest.raises(ConfigError, match=r"sp.model has no chat template .*format the prompt yourself"):
         sp.apply_chat_template(CHAT)
 

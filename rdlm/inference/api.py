@@ -79,7 +79,7 @@ def generate(params: Params, input_ids: Any, config: ModelConfig | Config, *, ma
                 exit_in_prefill=exit_in_prefill, draft_steps=int(draft_steps or 0), lookahead=int(lookahead))
     T = prompt.shape[1] + max_new_tokens + (lookahead if speculative else 0)
     knobs = Knobs(jnp.float32(init_scale), jnp.float32(threshold), jnp.float32(verification_threshold),
-                  Sampling(jnp.float32(temperature or 1.0), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p)))
+                  Sampling(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(min_p)))
     check_memory(params, cfg, spec, len(prompt), prompt.shape[1], T, mesh)
     context = contextlib.nullcontext()
     if mesh is not None:

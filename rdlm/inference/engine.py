@@ -8,7 +8,9 @@ are one hashable `Spec` (a compiled program per distinct spec), the values that 
 (`Knobs`: changing them does not recompile).
 
 Prompts of different lengths are right-padded: each row writes its own cache positions, so rows never
-see another row's padding and RoPE positions are the row's own.
+see another row's padding and RoPE positions are the row's own. Random draws are keyed by (row key,
+position): a token's initial latent and its sample never depend on what else is in the batch, which is
+what lets the server (`rdlm.serve`) batch requests and still answer each as `generate` would alone.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ Params = dict[str, Any]
 @dataclasses.dataclass(frozen=True)
 class Pass:
     """Static options of one forward over new tokens."""
-    max_steps: int  # recurrences (the cap, with an exit criterion)
-    criterion: str
+    max_steps: int  # recurrences (the cap, with an exit criterion; rows may have lower caps: `NewTokens.cap`)
+    criteria: tuple[str, ...]  # exit criteria; with several, each row picks one by `Knobs.criterion`
     strategy: str  # cache lookup strategy
     has_past: bool  # False in prefill: nothing is cached yet
     all_logits: bool  # logits of every new token (verification), else of each row's last one
@@ -55,25 +57,50 @@ class Spec:
     lookahead: int = 4  # drafted tokens per verification
 
     def prefill(self) -> Pass:
-        return Pass(self.num_steps, self.criterion if self.exit_in_prefill else "none", self.strategy, False, False)
+        return Pass(self.num_steps, (self.criterion if self.exit_in_prefill else "none",), self.strategy, False, False)
 
     def decode(self) -> Pass:
-        return Pass(self.num_steps, self.criterion, self.strategy, True, False)
+        return Pass(self.num_steps, (self.criterion,), self.strategy, True, False)
 
     def draft(self) -> Pass:
-        return Pass(self.draft_steps, "none", self.strategy, True, False)
+        return Pass(self.draft_steps, ("none",), self.strategy, True, False)
 
     def verify(self) -> Pass:
-        return Pass(self.num_steps, "none", self.strategy, True, True)
+        return Pass(self.num_steps, ("none",), self.strategy, True, True)
 
 
 @struct.dataclass
 class Knobs:
-    """Per-call values that are traced: changing them does not recompile."""
+    """Traced values (changing them does not recompile): scalars, or one per row `[b]`."""
     init_scale: jax.Array  # initial latent noise (0: zeros)
     threshold: jax.Array  # the exit criterion's
     verification_threshold: jax.Array  # speculative decoding's
     sampling: Sampling
+    criterion: jax.Array | None = None  # [b] index into `Pass.criteria` (None: the first)
+
+    def row(self, i: jax.Array) -> Knobs:
+        """Row i's values, as a batch of one."""
+        return jax.tree.map(lambda x: jnp.reshape(x, (-1,))[i][None] if jnp.ndim(x) else x, self)
+
+
+INIT, SAMPLE = 0, 1  # the two random streams of a row key
+
+
+def position_keys(keys: jax.Array, stream: int, positions: jax.Array) -> jax.Array:
+    """Keys `[b, ...]` for draws at `positions [b, ...]` of each row: a draw depends on its row key and position only."""
+    per_row = jax.vmap(lambda k: jax.random.fold_in(k, stream))(keys)
+    return jax.vmap(lambda k, p: jax.vmap(lambda q: jax.random.fold_in(k, q))(p.reshape(-1)).reshape(p.shape))(
+        per_row, positions)
+
+
+def sample_at(logits: jax.Array, keys: jax.Array, positions: jax.Array, s: Sampling, sample: bool) -> jax.Array:
+    """The tokens [b] at `positions [b]` from their logits [b, v], each drawn with its row's key at its position."""
+    return sample_token(logits, position_keys(keys, SAMPLE, positions), s, sample)
+
+
+def row_keys(rng: jax.Array, b: int) -> jax.Array:
+    """One key per row of a batch: row i's draws are those of a batch of one with key `fold_in(rng, i)`."""
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(b))
 
 
 @struct.dataclass
@@ -82,8 +109,10 @@ class NewTokens:
     ids: jax.Array  # [b, L]
     last: jax.Array  # [b] index of each row's last real token among them
     active: jax.Array  # [b] rows that compute and write the cache
-    rng: jax.Array  # draws the initial latent (`Huginn.start`)
+    keys: jax.Array  # [b] row keys: draw each position's initial latent (`Huginn.start`)
     warm: jax.Array | None = None  # [b, L, e] initial latent instead (continuous decoding)
+    warm_rows: jax.Array | None = None  # [b] rows that take `warm` (None: all)
+    cap: jax.Array | None = None  # [b] each row's recurrence cap (None: `Pass.max_steps`)
 
 
 @struct.dataclass
@@ -120,7 +149,6 @@ def forward_tokens(params: Params, cache: KVCache, new: NewTokens, knobs: Knobs,
     rows = jnp.arange(b)[:, None]
     past = jnp.arange(T)[None] < cache.length[:, None]
     valid = jnp.arange(L)[None] <= new.last[:, None]
-    crit = CRITERIA[p.criterion]
     m = model.merge(params, cfg)
 
     def write_at(live):
@@ -173,25 +201,53 @@ def forward_tokens(params: Params, cache: KVCache, new: NewTokens, knobs: Knobs,
         kvs = jnp.where(running[None, :, None, None, None, None], stacked(kvs, fresh), fresh[w_slot])
         return x, fresh.at[w_slot].set(kvs)
 
+    crits = [CRITERIA[name] for name in p.criteria]
+    choice = jnp.zeros((b,), jnp.int32) if knobs.criterion is None else knobs.criterion
+    cap = jnp.full((b,), p.max_steps, jnp.int32) if new.cap is None else new.cap
+    uses_logits = jnp.asarray([c.needs_logits for c in crits])[choice]  # [b]
+
+    def last_logits(state: jax.Array, running: jax.Array) -> jax.Array | None:
+        """Each row's last-token logits [b, v], computed only when a running row's criterion reads them."""
+        if not any(c.needs_logits for c in crits):
+            return None
+        if all(c.needs_logits for c in crits):
+            return coda_logits(state)[0][:, -1]
+        return jax.lax.cond(jnp.any(uses_logits & running), lambda: coda_logits(state)[0][:, -1],
+                            lambda: jnp.zeros((b, cfg.vocab_size), jnp.float32))
+
     def body(r: Recurrence) -> Recurrence:
         running = ~r.exited
         new_state, fresh = core_step(r.t, r.state, r.fresh, running)
-        r = r.replace(t=r.t + 1, state=jnp.where(running[:, None, None], new_state, r.state), fresh=fresh,
-                      steps=jnp.where(running, r.t + 1, r.steps))
-        if p.criterion == "none":
+        t = r.t + 1
+        r = r.replace(t=t, state=jnp.where(running[:, None, None], new_state, r.state), fresh=fresh,
+                      steps=jnp.where(running, t, r.steps), exited=r.exited | (running & (t >= cap)))
+        if p.criteria == ("none",):
             return r
-        logits = coda_logits(r.state)[0][:, -1] if crit.needs_logits else None
-        carry, value = crit.value(r.criterion, r.state, logits, valid)
+        logits = last_logits(r.state, running)
+        carries, values, exits = [], [], []
+        for c, carry in zip(crits, r.criterion):
+            carry, value = c.value(carry, r.state, logits, valid)
+            carries.append(carry)
+            values.append(value)
+            exits.append(c.exits(value, knobs.threshold))
+        value = jnp.stack(values)[choice, jnp.arange(b)]
         carry = jax.tree.map(lambda n, o: jnp.where(running.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
-                             carry, r.criterion)
-        return r.replace(criterion=carry, exit_values=r.exit_values.at[:, r.t - 1].set(
-                         jnp.where(running, value, jnp.nan)), exited=r.exited | (crit.exits(value, knobs.threshold)
-                                                                                & running))
+                             carries, r.criterion)
+        return r.replace(criterion=carry, exit_values=r.exit_values.at[:, t - 1].set(jnp.where(running, value, jnp.nan)),
+                         exited=r.exited | (jnp.stack(exits)[choice, jnp.arange(b)] & running))
 
-    state0 = (m.start(new.rng, embedded, knobs.init_scale) if new.warm is None else new.warm).astype(cfg.dtype)
+    def draw(key: jax.Array, emb: jax.Array, scale: jax.Array) -> jax.Array:
+        return m.start(key, emb, scale)
+
+    scale = jnp.broadcast_to(knobs.init_scale, (b,))
+    state0 = jax.vmap(jax.vmap(draw, (0, 0, None)))(position_keys(new.keys, INIT, positions), embedded, scale)
+    if new.warm is not None:
+        warm_rows = jnp.ones((b,), bool) if new.warm_rows is None else new.warm_rows
+        state0 = jnp.where(warm_rows[:, None, None], new.warm, state0)
+    state0 = state0.astype(cfg.dtype)
     r = Recurrence(t=jnp.int32(0), state=state0, exited=~new.active, steps=jnp.zeros((b,), jnp.int32),
                    fresh=jnp.zeros((slots, *cache.core.shape[1:3], L, *cache.core.shape[4:]), cache.core.dtype),
-                   criterion=crit.init(state0, cfg.vocab_size),
+                   criterion=[c.init(state0, cfg.vocab_size) for c in crits],
                    exit_values=jnp.full((b, p.max_steps), jnp.nan, jnp.float32))
     r = jax.lax.while_loop(lambda r: (r.t < p.max_steps) & ~jnp.all(r.exited), body, r)
     logits, coda_kv = coda_logits(r.state)
@@ -221,7 +277,7 @@ def prefill(params: Params, prompt: jax.Array, prompt_len: jax.Array, rng: jax.A
     lengths; each row's last latent [b, 1, e])."""
     b = prompt.shape[0]
     cache = init_cache(cfg, b, T, cache_slots(spec.strategy, spec.num_steps, cfg))
-    new = NewTokens(prompt, prompt_len - 1, jnp.ones((b,), bool), jax.random.fold_in(rng, 0))
+    new = NewTokens(prompt, prompt_len - 1, jnp.ones((b,), bool), row_keys(rng, b))
     out = forward_tokens(params, cache, new, knobs, cfg, spec.prefill())
     last = jnp.take_along_axis(out.latents, (prompt_len - 1)[:, None, None], axis=1)
     return out.replace(cache=out.cache.replace(length=prompt_len)), last
@@ -246,19 +302,19 @@ def decode(params: Params, prompt: jax.Array, prompt_len: jax.Array, stop_ids: j
            knobs: Knobs, cfg: ModelConfig, spec: Spec, T: int, mesh: Any = None) -> Generation:
     """Prefill, then one token per pass until every row stopped or has `max_new_tokens`."""
     b, n = prompt.shape[0], spec.max_new_tokens
+    keys = row_keys(rng, b)
     first, latent = prefill(params, prompt, prompt_len, rng, knobs, cfg, spec, T)
-    token = sample_token(first.logits[:, 0], jax.random.fold_in(rng, 1), knobs.sampling, spec.sample)
+    token = sample_at(first.logits[:, 0], keys, prompt_len, knobs.sampling, spec.sample)
     state = Decoding(i=jnp.int32(1), token=token, latent=latent, done=jnp.isin(token, stop_ids), cache=first.cache,
                      tokens=jnp.full((b, n), -1, jnp.int32).at[:, 0].set(token),
                      steps=jnp.zeros((b, n), jnp.int32).at[:, 0].set(first.steps),
                      exit_values=jnp.full((b, n, spec.num_steps), jnp.nan, jnp.float32).at[:, 0].set(first.exit_values))
 
     def body(d: Decoding) -> Decoding:
-        k_init, k_sample = jax.random.split(jax.random.fold_in(rng, d.i + 1))
-        new = NewTokens(d.token[:, None], jnp.zeros((b,), jnp.int32), ~d.done, k_init,
+        new = NewTokens(d.token[:, None], jnp.zeros((b,), jnp.int32), ~d.done, keys,
                         d.latent if spec.continuous else None)
         out = forward_tokens(params, d.cache, new, knobs, cfg, spec.decode())
-        nxt = jnp.where(d.done, -1, sample_token(out.logits[:, 0], k_sample, knobs.sampling, spec.sample))
+        nxt = jnp.where(d.done, -1, sample_at(out.logits[:, 0], keys, d.cache.length + 1, knobs.sampling, spec.sample))
         return Decoding(i=d.i + 1, token=jnp.where(d.done, d.token, nxt), latent=out.latents,
                         done=d.done | jnp.isin(nxt, stop_ids),
                         cache=out.cache.replace(length=out.cache.length + (~d.done)),
@@ -294,28 +350,26 @@ def decode_speculative(params: Params, prompt: jax.Array, prompt_len: jax.Array,
     """
     b = prompt.shape[0]
     n, A = spec.max_new_tokens, spec.lookahead
+    keys = row_keys(rng, b)
     first, _ = prefill(params, prompt, prompt_len, rng, knobs, cfg, spec, T)
-    pending = sample_token(first.logits[:, 0], jax.random.fold_in(rng, 1), knobs.sampling, spec.sample)
+    pending = sample_at(first.logits[:, 0], keys, prompt_len, knobs.sampling, spec.sample)
     rows = jnp.arange(b)[:, None]
 
     def body(s: Speculating) -> Speculating:
-        key = jax.random.fold_in(rng, s.rounds + 2)
         start = s.cache.length
         live = ~s.done & (s.count < n)
 
         def draft(j, carry):  # one drafted token per pass, cached at draft depth (rewound below)
             cache, drafted = carry
-            k_init, k_sample = jax.random.split(jax.random.fold_in(key, j + 2))
             out = forward_tokens(params, cache, NewTokens(drafted[:, j][:, None], jnp.zeros((b,), jnp.int32), live,
-                                                          k_init), knobs, cfg, spec.draft())
-            token = sample_token(out.logits[:, 0], k_sample, knobs.sampling, spec.sample)
+                                                          keys), knobs, cfg, spec.draft())
+            token = sample_at(out.logits[:, 0], keys, cache.length + 1, knobs.sampling, spec.sample)
             return out.cache.replace(length=out.cache.length + 1), drafted.at[:, j + 1].set(token)
 
         drafted = jnp.zeros((b, A + 1), jnp.int32).at[:, 0].set(s.pending)
         cache, drafted = jax.lax.fori_loop(0, A, draft, (s.cache, drafted))
-        k_init, k_sample = jax.random.split(jax.random.fold_in(key, 1))
         out = forward_tokens(params, cache.replace(length=start),
-                             NewTokens(drafted[:, :A], jnp.full((b,), A - 1, jnp.int32), live, k_init), knobs, cfg,
+                             NewTokens(drafted[:, :A], jnp.full((b,), A - 1, jnp.int32), live, keys), knobs, cfg,
                              spec.verify())
         logits, proposals = out.logits, drafted[:, 1:]
         probs = jax.nn.softmax(logits, -1)
@@ -323,8 +377,9 @@ def decode_speculative(params: Params, prompt: jax.Array, prompt_len: jax.Array,
                        jnp.take_along_axis(probs, proposals[..., None], -1)[..., 0]
                        >= knobs.verification_threshold * probs.max(-1))
         agree = jnp.where(jnp.all(ok, -1), A, jnp.argmin(ok, -1).astype(jnp.int32))
-        fix = sample_token(jnp.take_along_axis(logits, jnp.minimum(agree, A - 1)[:, None, None], 1)[:, 0],
-                           k_sample, knobs.sampling, spec.sample)
+        at = jnp.minimum(agree, A - 1)
+        fix = sample_at(jnp.take_along_axis(logits, at[:, None, None], 1)[:, 0], keys, start + at + 1, knobs.sampling,
+                        spec.sample)
         new = jnp.where(jnp.arange(A)[None] < agree[:, None], proposals, fix[:, None])
         accepted = jnp.minimum(agree + 1, A)
         is_stop = jnp.isin(new, stop_ids) & (jnp.arange(A)[None] < accepted[:, None])

@@ -177,8 +177,9 @@ def forward_tokens(params: Params, cache: KVCache, new: NewTokens, knobs: Knobs,
         lead = (slice(None),) * (kv_cache.ndim - 5)
         return kv_cache.at[(*lead, rows, write_at(live))].set(kvs, mode="drop")
 
-    def coda_logits(state):
-        logits, _, kvs = m.readout(state, mixer(cache.coda), last=None if p.all_logits else new.last)
+    def coda_logits(state, every: bool = False):
+        """Logits of each row's last new token (of every new token with `every`), and the coda's keys/values."""
+        logits, _, kvs = m.readout(state, mixer(cache.coda), last=None if every else new.last)
         return logits, stacked(kvs, cache.coda)
 
     embedded, prelude_kv = m.run(m.prelude, m.embed(new.ids), mixer(cache.prelude))
@@ -250,7 +251,7 @@ def forward_tokens(params: Params, cache: KVCache, new: NewTokens, knobs: Knobs,
                    criterion=[c.init(state0, cfg.vocab_size) for c in crits],
                    exit_values=jnp.full((b, p.max_steps), jnp.nan, jnp.float32))
     r = jax.lax.while_loop(lambda r: (r.t < p.max_steps) & ~jnp.all(r.exited), body, r)
-    logits, coda_kv = coda_logits(r.state)
+    logits, coda_kv = coda_logits(r.state, p.all_logits)
     live = new.active
     cache = cache.replace(prelude=write(cache.prelude, prelude_kv, live), core=write(cache.core, r.fresh, live),
                           coda=write(cache.coda, coda_kv, live),

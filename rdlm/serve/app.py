@@ -154,13 +154,17 @@ class Server:
             check_fits(prompt_len, max_tokens, plan)
         except GenerateError as e:
             raise ApiError(400, str(e), "max_tokens" if prompt_len < plan.context else "prompt") from None
+        if body.timeout is not None and body.timeout > d.timeout:
+            raise ApiError(400, f"timeout={body.timeout} is out of range; valid range is (0, {d.timeout}] (the "
+                                "server's --request-timeout)", "timeout")
         seed = body.seed if body.seed is not None else (0 if body.temperature == 0 else secrets.randbits(31))
         return Options(max_tokens=max_tokens, num_steps=num_steps, exit_criterion=criterion,
                        exit_threshold=float(threshold if criterion != "none" else 0.0),
                        continuous=d.continuous if body.continuous is None else body.continuous,
                        init_scale=d.init_scale if body.init_scale is None else body.init_scale,
                        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                       seed=seed, stop=tuple(body.stop or ()), logprobs=logprobs, echo=echo)
+                       seed=seed, stop=tuple(body.stop or ()), logprobs=logprobs, echo=echo,
+                       timeout=body.timeout or d.timeout)
 
     def _need_tokenizer(self, what: str) -> Tokenizer:
         if self.tok is None:
@@ -185,7 +189,7 @@ class Server:
         the consumer stops (the client went away) or the server is shutting down."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        deadline = time.monotonic() + self.defaults.timeout
+        deadline = time.monotonic() + min(o.timeout for o in options)
 
         def emitter(i: int):
             def emit(event: Event) -> None:
@@ -235,7 +239,7 @@ class Server:
             while True:
                 nxt = asyncio.ensure_future(anext(stream))
                 while not nxt.done():
-                    await asyncio.wait({nxt}, timeout=0.5)
+                    await asyncio.wait({nxt}, timeout=0.1)
                     if not nxt.done() and await http.is_disconnected():
                         nxt.cancel()
                         with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
@@ -251,8 +255,8 @@ class Server:
     @staticmethod
     def _failure(a: Answer) -> ApiError | None:
         if a.finish == "timeout":
-            return ApiError(504, "the request ran past the server's --request-timeout", None, "timeout_error",
-                            "timeout")
+            return ApiError(504, "the request ran past its timeout (the body's `timeout`, at most the server's "
+                                 "--request-timeout)", None, "timeout_error", "timeout")
         if a.finish == "shutdown":
             return ApiError(503, "the server shut down before the request finished", None, "server_error",
                             "shutting_down")

@@ -6,9 +6,12 @@ What differs between requests is traced, per slot (`SlotSettings`): position, re
 criterion and threshold, sampling settings, continuous decoding, random key. The program is compiled
 once at start-up and reused for every request. A finished slot is refilled from the queue at once.
 
-Each request's draws are keyed by its seed and token position (`rdlm.inference.engine.position_keys`),
-as `rdlm.generate` draws them for a batch of one: greedy output equals `rdlm.generate` token for token,
-and sampled output equals it for the same seed. Stop ids, stop strings, lengths, deadlines and
+Prompts run every recurrence up to the request's `num_steps` (exit criteria act on generated tokens):
+an exit decided over a chunk would make the answer depend on where chunks split the prompt. Each
+request's draws are keyed by its seed and token position (`rdlm.inference.engine.position_keys`), as
+`rdlm.generate` draws them for a batch of one: greedy output equals `rdlm.generate(...,
+exit_in_prefill=False)` token for token (the two are the same without an exit criterion), and sampled
+output equals it for the same seed. Stop ids, stop strings, lengths, deadlines and
 cancellation are checked on the host after each step; a slot that ends is free for the next step.
 """
 
@@ -138,8 +141,8 @@ def step(params: Params, state: SlotState, settings: SlotSettings, chunk: Chunk,
         row = _take_row(cache, p)
         new = NewTokens(chunk.ids[None], (chunk.length - 1)[None], jnp.ones((1,), bool), keys[p][None],
                         cap=settings.cap[p][None])
-        out = forward_tokens(params, row, new, knobs.row(p), cfg,
-                             Pass(plan.max_steps, CRITERIA_NAMES, plan.strategy, True, True))
+        out = forward_tokens(params, row, new, knobs.row(p).replace(criterion=None), cfg,  # no exit: see the top
+                             Pass(plan.max_steps, ("none",), plan.strategy, True, True))
         logits = out.logits[0]  # [C, v]
         lp, top_ids, top = _scored(logits, chunk.next_ids)
         position = row.length + chunk.length  # where the first generated token goes
@@ -207,6 +210,7 @@ class Options:
     stop: tuple[str, ...] = ()
     logprobs: int = 0  # alternatives to report per token (0: none; the chosen token's logprob is always kept)
     echo: bool = False  # also score the prompt's tokens
+    timeout: float = math.inf  # seconds from arrival (the server sets each request's deadline from it)
 
 
 @dataclasses.dataclass
@@ -298,8 +302,8 @@ class Engine:
         with self._wake:
             if self._draining or self._stopped:
                 raise Draining("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (the bound is {self.max_queue})")
+            if len(self.waiting) >= self.max_queue + self.plan.slots - self.busy:  # free slots admit at the next step
+                raise QueueFull(f"{self.plan.slots} slots are busy and {self.max_queue} requests wait (--max-queue)")
             request.key = _key_data(request.options.seed)
             self.waiting.append(request)
             self._wake.notify()

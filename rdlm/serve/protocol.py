@@ -20,6 +20,7 @@ class Extras(BaseModel):
     cache_strategy: str | None = Field(None, description="must be the server's --cache-strategy")
     continuous: bool | None = None
     init_scale: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False, description="seconds; at most the server's")
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
 

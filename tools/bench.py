@@ -442,6 +442,7 @@ def start_server(ckpt: Path, port: int, args, log: Path, deadline: float) -> sub
     proc = subprocess.Popen([sys.executable, "-m", "rdlm.serve", "--checkpoint", str(ckpt), "--no-tokenizer",
                              "--port", str(port), "--slots", str(args.slots), "--num-steps", str(steps),
                              "--max-steps", str(steps), "--max-queue", str(max(64, max(args.clients))),
+                             "--chunk", "32", "--attention-block", "32",  # CPU: short blocks, little padding
                              "--log-level", "warning"],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)

@@ -26,7 +26,8 @@ from flax import struct
 
 from rdlm import model
 from rdlm.config import ModelConfig
-from rdlm.inference.cache import CacheReader, KVCache, cache_slots, cached_mixer, core_lookup, init_cache, write_slot
+from rdlm.inference.cache import (DECODE_BLOCK, CacheReader, KVCache, cache_slots, cached_mixer, core_lookup,
+                                  init_cache, write_slot)
 from rdlm.inference.criteria import CRITERIA
 from rdlm.inference.sampling import Sampling, sample_token
 
@@ -41,6 +42,7 @@ class Pass:
     strategy: str  # cache lookup strategy
     has_past: bool  # False in prefill: nothing is cached yet
     all_logits: bool  # logits of every new token (verification), else of each row's last one
+    block: int = DECODE_BLOCK  # cached positions attention reads at a time (only blocks below the longest row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +80,9 @@ class Knobs:
     sampling: Sampling
     criterion: jax.Array | None = None  # [b] index into `Pass.criteria` (None: the first)
 
-    def row(self, i: jax.Array) -> Knobs:
-        """Row i's values, as a batch of one."""
-        return jax.tree.map(lambda x: jnp.reshape(x, (-1,))[i][None] if jnp.ndim(x) else x, self)
+    def rows(self, i: jax.Array) -> Knobs:
+        """The values of rows `i [n]`, as a batch of n."""
+        return jax.tree.map(lambda x: x[i] if jnp.ndim(x) else x, self)
 
 
 INIT, SAMPLE = 0, 1  # the two random streams of a row key
@@ -169,7 +171,7 @@ def forward_tokens(params: Params, cache: KVCache, new: NewTokens, knobs: Knobs,
         return lambda i, start, size: jax.lax.dynamic_slice_in_dim(kv_cache[i], start, size, axis=1)
 
     def mixer(kv_cache: jax.Array) -> model.Mixer:
-        return cached_mixer(rope, positions, new_mask, layers(kv_cache), past, filled, cfg.attention)
+        return cached_mixer(rope, positions, new_mask, layers(kv_cache), past, filled, cfg.attention, p.block)
 
     def write(kv_cache, kvs, live):
         """One scatter per layer group (the cache is read-only while the tokens compute, so XLA updates it
@@ -194,10 +196,11 @@ def forward_tokens(params: Params, cache: KVCache, new: NewTokens, knobs: Knobs,
             at = start + jnp.arange(size)
             if jnp.ndim(slot_idx) == 2:  # a slot per position
                 return cache.core[slot_idx[:, at], i, rows, at[None]]
-            return jax.lax.dynamic_slice_in_dim(cache.core[slot_idx, i], start, size, axis=1)
+            core = cache.core  # one slice of the block read: indexing the slot first would copy its whole length
+            return jax.lax.dynamic_slice(core, (slot_idx, i, 0, start, 0, 0, 0), (1, 1, b, size, *core.shape[4:]))[0, 0]
 
         x, kvs = m.core_step(state, embedded, cached_mixer(rope, positions, new_mask, read if p.has_past else None,
-                                                           past & exists, filled, cfg.attention))
+                                                           past & exists, filled, cfg.attention, p.block))
         w_slot = write_slot(p.strategy, t, slots)
         kvs = jnp.where(running[None, :, None, None, None, None], stacked(kvs, fresh), fresh[w_slot])
         return x, fresh.at[w_slot].set(kvs)

@@ -18,7 +18,7 @@ from pathlib import Path
 import uvicorn
 
 from rdlm.errors import ArgumentParser, cli
-from rdlm.inference.cache import STRATEGIES, cache_bytes
+from rdlm.inference.cache import DECODE_BLOCK, STRATEGIES, cache_bytes
 from rdlm.inference.checks import GenerateError, check_strategy
 from rdlm.inference.cli import load_checkpoint
 from rdlm.inference.criteria import CRITERIA
@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=16, help="requests decoded together")
     parser.add_argument("--context", type=int, default=None, help="positions per slot (default: model.block_size)")
     parser.add_argument("--chunk", type=int, default=64, help="prompt tokens prefilled per engine step")
+    parser.add_argument("--prefills", type=int, default=4, help="prompts prefilled per engine step")
+    parser.add_argument("--tokens-per-step", type=int, default=4,
+                        help="tokens decoded per slot between two looks of the host (stop strings, new requests)")
+    parser.add_argument("--attention-block", type=int, default=DECODE_BLOCK,
+                        help="cached positions attention reads at a time (only blocks below the longest slot are read)")
     parser.add_argument("--num-steps", type=int, default=32, help="default recurrences per token")
     parser.add_argument("--max-steps", type=int, default=None, help="largest num_steps a request may ask for "
                         "(default: --num-steps; the core cache holds this many steps per position)")
@@ -80,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_threshold is not None and args.exit_criterion == "none":
         raise GenerateError("--exit-threshold was given without --exit-criterion")
     plan = Plan(slots=args.slots, context=context, chunk=_positive("--chunk", min(args.chunk, context), context),
-                max_steps=max_steps, strategy=args.cache_strategy)
+                max_steps=max_steps, strategy=args.cache_strategy, prefills=_positive("--prefills", args.prefills),
+                tokens=_positive("--tokens-per-step", args.tokens_per_step),
+                block=_positive("--attention-block", args.attention_block))
     name = args.served_model_name or Path(args.checkpoint).resolve().name
     defaults = Defaults(num_steps=args.num_steps, exit_criterion=args.exit_criterion,
                         exit_threshold=args.exit_threshold, continuous=args.continuous, init_scale=args.init_scale,

@@ -1,10 +1,11 @@
 """Continuous batching: a fixed number of slots share one static KV cache; a thread keeps them full.
 
-Every engine step is one compiled program (`step`): one chunk of one prompt is prefilled and every
-decoding slot advances by one token, so running requests keep streaming while a long prompt is read.
-What differs between requests is traced, per slot (`SlotSettings`): position, recurrence cap, exit
-criterion and threshold, sampling settings, continuous decoding, random key. The program is compiled
-once at start-up and reused for every request. A finished slot is refilled from the queue at once.
+Every engine step is one compiled program (`step`): a chunk of up to `Plan.prefills` prompts is
+prefilled, then every decoding slot advances by up to `Plan.tokens` tokens (stopping at a stop id or its
+budget), so running requests keep streaming while long prompts are read. What differs between requests
+is traced, per slot (`SlotSettings`): position, recurrence cap, exit criterion and threshold, sampling
+settings, continuous decoding, random key. Two programs are compiled at start-up, with and without the
+exit criteria, and reused for every request. A finished slot is refilled from the queue at the next step.
 
 Prompts run every recurrence up to the request's `num_steps` (exit criteria act on generated tokens):
 an exit decided over a chunk would make the answer depend on where chunks split the prompt. Each
@@ -31,7 +32,7 @@ import numpy as np
 from flax import struct
 
 from rdlm.config import ModelConfig
-from rdlm.inference.cache import CACHE_AXES, KVCache, cache_slots, init_cache
+from rdlm.inference.cache import CACHE_AXES, DECODE_BLOCK, KVCache, cache_slots, init_cache
 from rdlm.inference.checks import GenerateError
 from rdlm.inference.criteria import CRITERIA
 from rdlm.inference.engine import Knobs, NewTokens, Pass, forward_tokens, row_keys, sample_at
@@ -46,12 +47,20 @@ TOP_LOGPROBS = 20  # alternatives kept per token (OpenAI's chat maximum)
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What shapes the step program (static): one compile per server."""
+    """What shapes the step programs (static)."""
     slots: int
     context: int  # cache positions per slot (prompt + generated tokens)
-    chunk: int  # prompt tokens prefilled per step
+    chunk: int  # prompt tokens per prefilled prompt and step
     max_steps: int  # the largest recurrence cap a request may ask for
     strategy: str  # cache lookup strategy (it decides the core cache's layout)
+    prefills: int = 4  # prompts prefilled per step
+    tokens: int = 4  # tokens decoded per slot and step (one host round trip each `tokens`)
+    block: int = DECODE_BLOCK  # cached positions attention reads at a time (only blocks below the longest row)
+    criteria: tuple[str, ...] = ("none",)  # exit criteria compiled in: ("none",) or all (`ADAPTIVE`)
+
+    def adaptive(self, on: bool) -> Plan:
+        """The plan of the program with every exit criterion (`on`) or none: two programs, both compiled at start."""
+        return dataclasses.replace(self, criteria=CRITERIA_NAMES if on else ("none",))
 
 
 @struct.dataclass
@@ -69,53 +78,73 @@ class SlotSettings:
     cap: jax.Array  # [S] recurrence cap
     knobs: Knobs  # per-slot init scale, threshold, sampling, criterion index
     continuous: jax.Array  # [S] warm-start each token from the previous one's latent
-    decoding: jax.Array  # [S] slots that decode a token this step
-    reset: jax.Array  # [S] slots whose cache restarts (a new request); applied before anything else
+    decoding: jax.Array  # [S] slots that decode this step
+    budget: jax.Array  # [S] tokens a slot may still make (its first, made by a prefill, included)
+    logprobs: jax.Array  # [S] the request wants logprobs (the top-k runs only when one does)
+    reset: jax.Array  # [S] slots whose cache restarts (admitted or freed); applied before anything else
+    stop_ids: jax.Array  # [n] ids that end an answer (-1: padding)
 
 
 @struct.dataclass
 class Chunk:
-    """The prompt tokens of one slot prefilled this step."""
-    slot: jax.Array  # scalar
-    ids: jax.Array  # [C]
-    next_ids: jax.Array  # [C] the token after each (scored for echo logprobs)
-    length: jax.Array  # real tokens in ids (0: no prefill this step)
-    final: jax.Array  # the prompt ends here: sample the slot's first token
+    """The prompt tokens prefilled this step, one row per prompt (slot S: an unused row)."""
+    slots: jax.Array  # [P]
+    ids: jax.Array  # [P, C]
+    next_ids: jax.Array  # [P, C] the token after each (scored for echo logprobs)
+    length: jax.Array  # [P] real tokens in ids (0: unused row)
+    final: jax.Array  # [P] the prompt ends here: the slot's first token is sampled
 
 
 @struct.dataclass
 class StepOutput:
-    """Per slot: the token made this step (-1: none), its logprob, the top alternatives, recurrences run;
-    for the chunk: each prompt token's logprob given the ones before, and its top alternatives."""
-    token: jax.Array  # [S]
-    logprob: jax.Array  # [S]
-    top_ids: jax.Array  # [S, K]
-    top_logprobs: jax.Array  # [S, K]
-    steps: jax.Array  # [S]
-    chunk_logprob: jax.Array  # [C] of next_ids
-    chunk_top_ids: jax.Array  # [C, K]
-    chunk_top_logprobs: jax.Array  # [C, K]
-    chunk_steps: jax.Array  # recurrences the chunk ran
+    """Per slot, the tokens made this step (-1: none; a prefill's first token comes first), their logprobs,
+    top alternatives and recurrences; per prefilled row, each prompt token's logprob given the ones before."""
+    token: jax.Array  # [S, K + 1]
+    logprob: jax.Array  # [S, K + 1]
+    top_ids: jax.Array  # [S, K + 1, TOP]
+    top_logprobs: jax.Array  # [S, K + 1, TOP]
+    steps: jax.Array  # [S, K + 1]
+    chunk_logprob: jax.Array  # [P, C] of next_ids
+    chunk_top_ids: jax.Array  # [P, C, TOP]
+    chunk_top_logprobs: jax.Array  # [P, C, TOP]
 
 
 def _batch_axis(axes: tuple[str | None, ...]) -> int:
     return axes.index("batch")
 
 
-def _take_row(cache: KVCache, i: jax.Array) -> KVCache:
-    return jax.tree.map(lambda x, axes: jax.lax.dynamic_slice_in_dim(x, i, 1, _batch_axis(axes)), cache, CACHE_AXES,
-                        is_leaf=lambda x: isinstance(x, tuple))
+def _is_axes(x: Any) -> bool:
+    return isinstance(x, tuple)
 
 
-def _put_row(cache: KVCache, row: KVCache, i: jax.Array) -> KVCache:
-    return jax.tree.map(lambda x, r, axes: jax.lax.dynamic_update_slice_in_dim(x, r, i, _batch_axis(axes)),
-                        cache, row, CACHE_AXES, is_leaf=lambda x: isinstance(x, tuple))
+def _take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    """Rows `[P]` of the cache, by one dynamic slice each (an index past the last slot reads the last slot; such a
+    row is only ever written back unchanged). A gather on the batch axis would transpose the whole cache."""
+    def take(x, axes):
+        return jnp.concatenate([jax.lax.dynamic_slice_in_dim(x, jnp.minimum(r, x.shape[_batch_axis(axes)] - 1), 1,
+                                                             _batch_axis(axes)) for r in rows], _batch_axis(axes))
+    return jax.tree.map(take, cache, CACHE_AXES, is_leaf=_is_axes)
 
 
-def _scored(logits: jax.Array, chosen: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(logprob of `chosen`, top-K ids, their logprobs) from fp32 logits [n, v]."""
+def _put_rows(cache: KVCache, new: KVCache, rows: jax.Array) -> KVCache:
+    """Write rows `[P]` back in place, the last first: unused rows (after the used ones, holding what they read)
+    never overwrite a used row's new entries."""
+    def put(x, r, axes):
+        axis = _batch_axis(axes)
+        for j in reversed(range(len(rows))):
+            row = jax.lax.dynamic_slice_in_dim(r, j, 1, axis)
+            x = jax.lax.dynamic_update_slice_in_dim(x, row, jnp.minimum(rows[j], x.shape[axis] - 1), axis)
+        return x
+    return jax.tree.map(put, cache, new, CACHE_AXES, is_leaf=_is_axes)
+
+
+def _scored(logits: jax.Array, chosen: jax.Array, want: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(logprob of `chosen` [n], top ids [n, TOP], their logprobs) from fp32 logits [n, v]; the top-k only when
+    `want`."""
     logp = jax.nn.log_softmax(logits, -1)
-    top, ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    n = logits.shape[0]
+    top, ids = jax.lax.cond(want, lambda: tuple(jax.lax.top_k(logp, TOP_LOGPROBS)),
+                            lambda: (jnp.zeros((n, TOP_LOGPROBS)), jnp.zeros((n, TOP_LOGPROBS), jnp.int32)))
     return jnp.take_along_axis(logp, jnp.maximum(chosen, 0)[:, None], -1)[:, 0], ids.astype(jnp.int32), top
 
 
@@ -129,65 +158,76 @@ def _sample(logits: jax.Array, keys: jax.Array, positions: jax.Array, sampling: 
 @functools.partial(jax.jit, static_argnames=("cfg", "plan"), donate_argnums=(1,))
 def step(params: Params, state: SlotState, settings: SlotSettings, chunk: Chunk, cfg: ModelConfig,
          plan: Plan) -> tuple[SlotState, StepOutput]:
-    """One engine step: prefill `chunk` into its slot (when it has tokens), then decode one token for every
-    decoding slot (when there is one). A slot whose prompt ends in this chunk gets its first token here."""
-    S, C, K = plan.slots, plan.chunk, TOP_LOGPROBS
+    """One engine step: prefill the chunk's prompts into their slots, then decode up to `plan.tokens` tokens for
+    every decoding slot (a slot whose prompt ended in this chunk included). A slot stops at a stop id or at its
+    budget; the step stops early when every slot has."""
+    S, C, K, P, TOP = plan.slots, plan.chunk, plan.tokens, plan.prefills, TOP_LOGPROBS
     keys = jax.random.wrap_key_data(settings.keys)
     cache = state.cache.replace(length=jnp.where(settings.reset, 0, state.cache.length))
-    knobs = settings.knobs
+    knobs = settings.knobs if len(plan.criteria) > 1 else settings.knobs.replace(criterion=None)
+    used = chunk.length > 0
 
-    def prefill(cache: KVCache):
-        p = chunk.slot
-        row = _take_row(cache, p)
-        new = NewTokens(chunk.ids[None], (chunk.length - 1)[None], jnp.ones((1,), bool), keys[p][None],
-                        cap=settings.cap[p][None])
-        out = forward_tokens(params, row, new, knobs.row(p).replace(criterion=None), cfg,  # no exit: see the top
-                             Pass(plan.max_steps, ("none",), plan.strategy, True, True))
-        logits = out.logits[0]  # [C, v]
-        lp, top_ids, top = _scored(logits, chunk.next_ids)
-        position = row.length + chunk.length  # where the first generated token goes
-        last = logits[chunk.length - 1][None]
-        token = _sample(last, keys[p][None], position, jax.tree.map(lambda x: x[p][None], knobs.sampling))
-        first = (token[0],) + tuple(x[0] for x in _scored(last, token)) + (out.steps[0],)
-        cache = _put_row(cache, out.cache.replace(length=position), p)
-        return cache, (lp, top_ids, top, out.steps[0]), first, out.latents[0, chunk.length - 1]
+    at = jnp.minimum(chunk.slots, S - 1)
+    wants = settings.logprobs[at] & used
+    row_keys_ = keys[at]
+    row_knobs = knobs.rows(at).replace(criterion=None)  # no exit in a prefill: see the top
 
-    def no_prefill(cache: KVCache):
-        e = cfg.n_embd
-        return (cache, (jnp.zeros((C,)), jnp.zeros((C, K), jnp.int32), jnp.zeros((C, K)), jnp.int32(0)),
-                (jnp.int32(-1), jnp.float32(0), jnp.zeros((K,), jnp.int32), jnp.zeros((K,)), jnp.int32(0)),
-                jnp.zeros((e,), cfg.dtype))
+    def prefill(rows: KVCache):
+        new = NewTokens(chunk.ids, jnp.maximum(chunk.length - 1, 0), used, row_keys_, cap=settings.cap[at])
+        out = forward_tokens(params, rows, new, row_knobs, cfg,
+                             Pass(plan.max_steps, ("none",), plan.strategy, True, True, plan.block))
+        lp, top_ids, top = _scored(out.logits.reshape(P * C, -1), chunk.next_ids.reshape(-1), jnp.any(wants))
+        position = rows.length + chunk.length  # where each first generated token goes
+        last = jnp.take_along_axis(out.logits, new.last[:, None, None], 1)[:, 0]
+        token = _sample(last, row_keys_, position, row_knobs.sampling)
+        first = (token, *_scored(last, token, jnp.any(wants)), out.steps)
+        latent = jnp.take_along_axis(out.latents, new.last[:, None, None], 1)
+        rows = out.cache.replace(length=jnp.where(used, position, rows.length))
+        return rows, (lp.reshape(P, C), top_ids.reshape(P, C, TOP), top.reshape(P, C, TOP)), first, latent
 
-    cache, (chunk_lp, chunk_ids, chunk_top, chunk_steps), first, first_latent = jax.lax.cond(
-        chunk.length > 0, prefill, no_prefill, cache)
+    def no_prefill(rows: KVCache):
+        return (rows, (jnp.zeros((P, C)), jnp.zeros((P, C, TOP), jnp.int32), jnp.zeros((P, C, TOP))),
+                (jnp.full((P,), -1, jnp.int32), jnp.zeros((P,)), jnp.zeros((P, TOP), jnp.int32), jnp.zeros((P, TOP)),
+                 jnp.zeros((P,), jnp.int32)), jnp.zeros((P, 1, cfg.n_embd), cfg.dtype))
 
-    def decode(cache: KVCache):
-        new = NewTokens(state.token[:, None], jnp.zeros((S,), jnp.int32), settings.decoding, keys,
-                        warm=state.latent, warm_rows=settings.continuous, cap=settings.cap)
-        out = forward_tokens(params, cache, new, knobs, cfg, Pass(plan.max_steps, CRITERIA_NAMES, plan.strategy,
-                                                                  True, False))
+    # only the prefilled rows pass through the conditional: the whole cache would be copied in and out of it
+    rows, scored_chunk, first, first_latent = jax.lax.cond(jnp.any(used), prefill, no_prefill,
+                                                           _take_rows(cache, chunk.slots))
+    cache = _put_rows(cache, rows, chunk.slots)
+    starts = jnp.zeros((S,), bool).at[chunk.slots].set(used & chunk.final, mode="drop")
+    into = jnp.where(used & chunk.final, chunk.slots, S)  # the starting rows' slots (others dropped)
+    token = state.token.at[into].set(first[0], mode="drop")
+    latent = state.latent.at[into].set(first_latent, mode="drop")
+    made = [jnp.full((S, K + 1), -1, jnp.int32), jnp.zeros((S, K + 1)), jnp.zeros((S, K + 1, TOP), jnp.int32),
+            jnp.zeros((S, K + 1, TOP)), jnp.zeros((S, K + 1), jnp.int32)]
+    made = [m.at[into, 0].set(f, mode="drop") for m, f in zip(made, first)]
+    live = settings.decoding | starts
+    done = ~live | (starts & (jnp.isin(token, settings.stop_ids) | (settings.budget <= 1))) | (settings.budget <= 0)
+    count = starts.astype(jnp.int32)  # tokens made per slot this step
+    any_logprobs = jnp.any(settings.logprobs & live)
+
+    def decode_one(carry):
+        k, cache, token, latent, done, count, made = carry
+        new = NewTokens(token[:, None], jnp.zeros((S,), jnp.int32), ~done, keys, warm=latent,
+                        warm_rows=settings.continuous, cap=settings.cap)
+        out = forward_tokens(params, cache, new, knobs, cfg, Pass(plan.max_steps, plan.criteria, plan.strategy, True,
+                                                                  False, plan.block))
         logits = out.logits[:, 0]
-        token = _sample(logits, keys, cache.length + 1, knobs.sampling)
-        lp, top_ids, top = _scored(logits, token)
-        cache = out.cache.replace(length=cache.length + settings.decoding)
-        return cache, (token, lp, top_ids, top, out.steps), out.latents
+        nxt = _sample(logits, keys, cache.length + 1, knobs.sampling)
+        lp, top_ids, top = _scored(logits, nxt, any_logprobs)
+        running = ~done
+        at = jnp.where(running, k + 1, K + 1)  # column k + 1 (column 0: a prefill's first token); else dropped
+        rows = jnp.arange(S)
+        made = [m.at[rows, at].set(v, mode="drop") for m, v in zip(made, (nxt, lp, top_ids, top, out.steps))]
+        count = count + running
+        cache = out.cache.replace(length=cache.length + running)
+        done = done | (running & (jnp.isin(nxt, settings.stop_ids) | (count >= settings.budget)))
+        return (k + 1, cache, jnp.where(running, nxt, token), jnp.where(running[:, None, None], out.latents, latent),
+                done, count, made)
 
-    def no_decode(cache: KVCache):
-        return cache, (state.token, jnp.zeros((S,)), jnp.zeros((S, K), jnp.int32), jnp.zeros((S, K)),
-                       jnp.zeros((S,), jnp.int32)), state.latent
-
-    cache, made, latent = jax.lax.cond(jnp.any(settings.decoding), decode, no_decode, cache)
-    made = tuple(jnp.where(settings.decoding.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
-                 for x in made)
-    token = jnp.where(settings.decoding, made[0], -1)
-    starts = (chunk.length > 0) & chunk.final
-    token, lp, top_ids, top, steps = (
-        jnp.where(starts, x.at[chunk.slot].set(f), x) for x, f in zip((token, *made[1:]), first))
-    state = SlotState(cache=cache, token=jnp.where(settings.decoding, made[0], state.token),
-                      latent=jnp.where(settings.decoding[:, None, None], latent, state.latent))
-    state = state.replace(token=jnp.where(starts, state.token.at[chunk.slot].set(first[0]), state.token),
-                          latent=jnp.where(starts, state.latent.at[chunk.slot, 0].set(first_latent), state.latent))
-    return state, StepOutput(token, lp, top_ids, top, steps, chunk_lp, chunk_ids, chunk_top, chunk_steps)
+    carry = (jnp.int32(0), cache, token, latent, done, count, made)
+    _, cache, token, latent, _, _, made = jax.lax.while_loop(lambda c: (c[0] < K) & ~jnp.all(c[4]), decode_one, carry)
+    return SlotState(cache, token, latent), StepOutput(*made, *scored_chunk)
 
 
 # ---- the host side -----------------------------------------------------------------------------------
@@ -292,6 +332,8 @@ class Engine:
                                token=jnp.zeros((plan.slots,), jnp.int32),
                                latent=jnp.zeros((plan.slots, 1, cfg.n_embd), cfg.dtype))
         self._key_shape = jax.random.key_data(jax.random.key(0)).shape
+        stops = [] if tokenizer is None else list(tokenizer.stop_ids)
+        self._stop_ids = np.asarray(stops + [-1] * (8 - len(stops) % 8), np.int32)  # -1: padding, never made
         self.error: str | None = None
         self.compiles = 0  # programs `step` holds after warm-up (the metrics report any compiled since)
 
@@ -329,10 +371,11 @@ class Engine:
     # -- lifecycle
 
     def warm_up(self) -> None:
-        """Compile the step program (the only one) before the first request."""
-        for _ in range(2):  # the second call sees the first's outputs as inputs (committed arrays): its own entry
-            self.state, out = step(self.params, self.state, self._settings([False] * self.plan.slots),
-                                   self._chunk(None), cfg=self.cfg, plan=self.plan)
+        """Compile both step programs (with and without exit criteria) before the first request."""
+        for adaptive in (False, True):
+            for _ in range(2):  # the second call sees the first's outputs as inputs (committed arrays): its own entry
+                self.state, out = step(self.params, self.state, self._settings(np.zeros(self.plan.slots, bool)),
+                                       self._chunk([]), cfg=self.cfg, plan=self.plan.adaptive(adaptive))
         jax.block_until_ready(out)
         _key_data(0)
         self.compiles = step._cache_size()
@@ -408,11 +451,10 @@ class Engine:
                     self.slots[i] = r
                     self._reset.add(i)
 
-    def _settings(self, decoding: list[bool]) -> SlotSettings:
+    def _settings(self, decoding: np.ndarray, budget: np.ndarray | None = None) -> SlotSettings:
         S = self.plan.slots
-        rows = [r or Request([], Options(), lambda e: None) for r in self.slots]
-        o = [r.options for r in rows]
-        keys = np.stack([r.key if r.key is not None else np.zeros(self._key_shape, np.uint32) for r in rows])
+        o = [r.options if r is not None else Options() for r in self.slots]
+        keys = np.stack([r.key if r is not None else np.zeros(self._key_shape, np.uint32) for r in self.slots])
         reset = np.zeros((S,), bool)
         reset[list(self._reset)] = True
         self._reset = set()
@@ -426,85 +468,104 @@ class Engine:
                                col(lambda x: x.top_p, np.float32), col(lambda x: x.min_p, np.float32)),
                       col(lambda x: CRITERIA_NAMES.index(x.exit_criterion), np.int32))
         return SlotSettings(keys=keys, cap=col(lambda x: x.num_steps, np.int32), knobs=knobs,
-                            continuous=col(lambda x: x.continuous, bool), decoding=np.asarray(decoding, bool),
-                            reset=reset)
+                            continuous=col(lambda x: x.continuous, bool), decoding=decoding,
+                            budget=np.zeros((S,), np.int32) if budget is None else budget,
+                            logprobs=col(lambda x: x.logprobs > 0 or x.echo, bool), reset=reset,
+                            stop_ids=self._stop_ids)
 
-    def _chunk(self, slot: int | None) -> Chunk:
-        C = self.plan.chunk
-        ids, next_ids = np.zeros((C,), np.int32), np.full((C,), -1, np.int32)
-        if slot is None:
-            return Chunk(np.int32(0), ids, next_ids, np.int32(0), np.bool_(False))
-        r = self.slots[slot]
-        part = r.prompt[r.prefilled:r.prefilled + C]
-        ids[:len(part)] = part
-        after = r.prompt[r.prefilled + 1:r.prefilled + C + 1]
-        next_ids[:len(after)] = after
-        return Chunk(np.int32(slot), ids, next_ids, np.int32(len(part)),
-                     np.bool_(r.prefilled + len(part) == len(r.prompt)))
+    def _chunk(self, slots: list[int]) -> Chunk:
+        """The next `plan.chunk` prompt tokens of each of `slots` (at most `plan.prefills`)."""
+        P, C, S = self.plan.prefills, self.plan.chunk, self.plan.slots
+        ids, next_ids = np.zeros((P, C), np.int32), np.full((P, C), -1, np.int32)
+        rows, length, final = np.full((P,), S, np.int32), np.zeros((P,), np.int32), np.zeros((P,), bool)
+        for j, i in enumerate(slots):
+            r = self.slots[i]
+            part = r.prompt[r.prefilled:r.prefilled + C]
+            after = r.prompt[r.prefilled + 1:r.prefilled + C + 1]
+            rows[j], length[j], final[j] = i, len(part), r.prefilled + len(part) == len(r.prompt)
+            ids[j, :len(part)] = part
+            next_ids[j, :len(after)] = after
+        return Chunk(rows, ids, next_ids, length, final)
 
     def _step(self) -> None:
-        prefilling = [i for i, r in enumerate(self.slots) if r is not None and r.prefilled < len(r.prompt)]
-        p = min(prefilling, key=lambda i: self.slots[i].arrived) if prefilling else None  # oldest first
-        decoding = [r is not None and r.prefilled == len(r.prompt) for r in self.slots]
-        chunk = self._chunk(p)
-        settings = self._settings(decoding)
-        self.state, out = step(self.params, self.state, settings, chunk, cfg=self.cfg, plan=self.plan)
+        busy = [(i, r) for i, r in enumerate(self.slots) if r is not None]
+        prefilling = sorted((i for i, r in busy if r.prefilled < len(r.prompt)), key=lambda i: self.slots[i].arrived)
+        chunk = self._chunk(prefilling[:self.plan.prefills])  # the oldest prompts first
+        decoding = np.zeros((self.plan.slots,), bool)
+        budget = np.zeros((self.plan.slots,), np.int32)
+        for i, r in busy:
+            budget[i] = min(r.options.max_tokens, self.plan.context - len(r.prompt)) - r.generated
+            decoding[i] = r.prefilled == len(r.prompt)
+        adaptive = any(r.options.exit_criterion != "none" for _, r in busy)
+        self.state, out = step(self.params, self.state, self._settings(decoding, budget), chunk, cfg=self.cfg,
+                               plan=self.plan.adaptive(adaptive))
         out = jax.device_get(out)
         now = time.monotonic()
+        for j, i in enumerate(chunk.slots):
+            if chunk.length[j]:
+                r = self.slots[i]
+                if r.options.echo:
+                    self._echo(r, chunk, out, j)
+                r.prefilled += int(chunk.length[j])
+                self.stats.prompt_tokens += int(chunk.length[j])
         made = steps = 0
-        if p is not None:
-            r = self.slots[p]
-            n = int(chunk.length)
-            if r.options.echo:
-                self._echo(r, chunk, out, n)
-            r.prefilled += n
-            self.stats.prompt_tokens += n
-        for i, r in enumerate(self.slots):
-            if r is None or out.token[i] < 0:
-                continue
-            made += 1
-            steps += int(out.steps[i])
-            self._token(i, r, out, now)
+        for i, r in busy:
+            got = out.token[i] >= 0
+            if got.any():
+                made += int(got.sum())
+                steps += int(out.steps[i][got].sum())
+                self._tokens(i, r, out, got, now)
         self.stats.steps_run += 1
         self.stats.generated_tokens += made
         self.stats.recurrence_steps += steps
         self.stats.recent.append((now, made, steps))
 
-    def _echo(self, r: Request, chunk: Chunk, out: StepOutput, n: int) -> None:
-        """The chunk's prompt tokens with the logprob of each given the ones before (None for the first)."""
-        ids = [int(t) for t in chunk.ids[:n]]
-        scored = [(float(out.chunk_logprob[j]), self._top(out.chunk_top_ids[j], out.chunk_top_logprobs[j], r))
-                  for j in range(n)]
+    def _echo(self, r: Request, chunk: Chunk, out: StepOutput, j: int) -> None:
+        """Row j's prompt tokens with the logprob of each given the ones before (None for the prompt's first)."""
+        n = int(chunk.length[j])
+        scored = [(float(out.chunk_logprob[j, t]), self._top(out.chunk_top_ids[j, t], out.chunk_top_logprobs[j, t], r))
+                  for t in range(n)]
         first = r.scored or (None, None)
         r.scored = scored[-1]
-        lps, tops = [first[0]] + [x[0] for x in scored[:-1]], [first[1]] + [x[1] for x in scored[:-1]]
-        r.emit(Event(tokens=ids, logprobs=lps, top=tops, steps=[int(out.chunk_steps)] * n, prompt=True))
+        r.emit(Event(tokens=[int(t) for t in chunk.ids[j, :n]], logprobs=[first[0]] + [x[0] for x in scored[:-1]],
+                     top=[first[1]] + [x[1] for x in scored[:-1]], steps=[0] * n, prompt=True))
 
     @staticmethod
     def _top(ids: np.ndarray, lps: np.ndarray, r: Request) -> list[tuple[int, float]]:
         return [(int(a), float(b)) for a, b in zip(ids[:r.options.logprobs], lps[:r.options.logprobs])]
 
-    def _token(self, i: int, r: Request, out: StepOutput, now: float) -> None:
-        """A slot's new token: stream it, then end the request on a stop id, a stop string or its length."""
-        token = int(out.token[i])
+    def _tokens(self, i: int, r: Request, out: StepOutput, got: np.ndarray, now: float) -> None:
+        """A slot's new tokens: stream them, then end the request on a stop id, a stop string or its length."""
         if r.first_token_at is None:
             r.first_token_at = now
         if r.options.max_tokens == 0:  # scoring only (echo): the token is not part of the answer
             self._finish(i, "length")
             return
-        r.generated += 1
-        stop_id = self.tok is not None and token in self.tok.stop_ids
-        delta, stopped = ("", False) if r.text is None or stop_id else r.text.push(token)
-        r.emit(Event(text=delta, tokens=[token], logprobs=[float(out.logprob[i])],
-                     top=[self._top(out.top_ids[i], out.top_logprobs[i], r)], steps=[int(out.steps[i])]))
-        full = r.prefilled + r.generated >= self.plan.context
-        if stop_id or stopped:
+        tokens, logprobs, top, steps = [], [], [], []
+        text, stopped = "", False
+        for k in np.flatnonzero(got):
+            token = int(out.token[i, k])
+            r.generated += 1
+            if self.tok is not None and token in self.tok.stop_ids:
+                stopped = True
+            elif r.text is not None:
+                delta, stopped = r.text.push(token)
+                text += delta
+            tokens.append(token)
+            logprobs.append(float(out.logprob[i, k]))
+            top.append(self._top(out.top_ids[i, k], out.top_logprobs[i, k], r))
+            steps.append(int(out.steps[i, k]))
+            if stopped:
+                break
+        r.emit(Event(text=text, tokens=tokens, logprobs=logprobs, top=top, steps=steps))
+        if stopped:
             self._finish(i, "stop")
-        elif r.generated >= r.options.max_tokens or full:
+        elif r.generated >= min(r.options.max_tokens, self.plan.context - len(r.prompt)):
             self._finish(i, "length")
 
     def _finish(self, i: int, reason: str, error: str | None = None) -> None:
         r, self.slots[i] = self.slots[i], None
+        self._reset.add(i)  # its stale length would make attention read its positions
         tail = r.text.flush() if r.text is not None and reason in ("length", "stop") else ""
         self._count(reason)
         r.emit(Event(text=tail, finish=reason, error=error))

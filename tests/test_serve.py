@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import rdlm  # noqa: E402
 from conftest import REPO  # noqa: E402
 from rdlm.inference import load_checkpoint  # noqa: E402
-from rdlm.serve.engine import Engine, Event, Options, Plan, Request  # noqa: E402
+from rdlm.serve.engine import Draining, Engine, Event, Options, Plan, Request  # noqa: E402
 from rdlm.serve.text import TextStream  # noqa: E402
 from rdlm.tokenizer import load_tokenizer  # noqa: E402
 
@@ -338,11 +338,12 @@ def test_client_gone_frees_its_slot(served):
         assert s.read().rstrip().endswith(b"data: [DONE]")
     deadline = time.monotonic() + 30
     # one of the two may have reached a slot and finished first (the occupiers can end early at a stop id)
-    while metrics(served).get('rdlm_requests_total{outcome="cancelled"}', 0) < before + 1:
-        assert time.monotonic() < deadline, f"the gone clients' requests were not cancelled: {metrics(served)}"
+    def settled(m):
+        return (m.get('rdlm_requests_total{outcome="cancelled"}', 0) >= before + 1 and m["rdlm_slots_busy"] == 0
+                and m["rdlm_queue_depth"] == 0)
+    while not settled(m := metrics(served)):
+        assert time.monotonic() < deadline, f"the gone clients' requests were not cancelled: {m}"
         time.sleep(0.2)
-    m = metrics(served)
-    assert m["rdlm_slots_busy"] == 0 and m["rdlm_queue_depth"] == 0
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits(chat_checkpoint):
@@ -399,6 +400,16 @@ def test_engine_deadline_and_cancel_free_slots(model):
         time.sleep(0.05)
     engine.stop()
     assert ends == {"running": "cancelled", "expired": "timeout"} and engine.busy == 0
+    with pytest.raises(Draining, match="shutting down"):
+        engine.submit(Request([1], Options(), ender("late")))
+
+
+def test_a_failed_engine_refuses_requests_instead_of_queueing_them(model):
+    cfg, params, tok = model
+    engine = Engine(params, cfg, tok, Plan(slots=1, context=64, chunk=16, max_steps=4, strategy="full"))
+    engine.error = "RuntimeError: boom"
+    with pytest.raises(Draining, match=r"the engine failed \(RuntimeError: boom\)"):
+        engine.submit(Request([1], Options(), lambda e: None))
 
 
 def test_text_stream_holds_back_a_stop_string_split_over_tokens(model):

@@ -344,6 +344,8 @@ class Engine:
         with self._wake:
             if self._draining or self._stopped:
                 raise Draining("the server is shutting down")
+            if self.error is not None or (self._thread is not None and not self._thread.is_alive()):
+                raise Draining(f"the engine failed ({self.error}); restart the server")  # nothing would answer
             if len(self.waiting) >= self.max_queue + self.plan.slots - self.busy:  # free slots admit at the next step
                 raise QueueFull(f"{self.plan.slots} slots are busy and {self.max_queue} requests wait (--max-queue)")
             request.key = _key_data(request.options.seed)

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocp_v1
 from etils import epath
 
-from rdlm.config import Config, ConfigError, config_from_dict, load_config, to_dict
+from rdlm.config import Config, ConfigError, config_from_dict, dump_config, load_config, to_dict
 from rdlm.errors import RdlmError
 from rdlm.params import abstract_params
 
@@ -88,6 +88,15 @@ def load_model(path: str | os.PathLike, dtype: Any = None,
         return cfg, ocp_v1.load(path / PARAMS_DIR, abstract)
     except Exception as e:  # noqa: BLE001 (TensorStore errors for damaged array files)
         raise damaged(path, e) from e
+
+
+def save_model(path: str | os.PathLike, config: Config, params: dict[str, Any], overwrite: bool = False) -> None:
+    """`params` as an rdlm model checkpoint at `path` (what `load_model` reads), written in a staging folder
+    that replaces `path` only once complete."""
+    with staging_dir(Path(path), overwrite) as tmp:
+        ocp_v1.save(tmp / PARAMS_DIR, params)
+        write_manifest(tmp)
+        dump_config(config, tmp / CONFIG_FILE)
 
 
 def write_manifest(root: Path) -> None:

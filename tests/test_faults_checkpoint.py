@@ -164,3 +164,24 @@ def test_relative_paths_from_another_folder(tmp_path, monkeypatch, capsys):
 def test_converter_writes_the_file_list(converted):
     sizes = json.loads((converted / "files.json").read_text())
     assert sizes and all((converted / name).stat().st_size == size for name, size in sizes.items())
+
+
+def test_save_model_round_trip_refuses_overwrite_and_leaves_nothing_on_failure(tmp_path):
+    import jax
+
+    from rdlm.checkpoint import save_model
+    from rdlm.config import load_config
+    from rdlm.params import init_params
+
+    config = load_config("tiny")
+    params = init_params(config.model, jax.random.key(0))
+    save_model(tmp_path / "ckpt", config, params)
+    loaded_config, loaded = load_model(tmp_path / "ckpt")
+    assert loaded_config.model == config.model
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_model(tmp_path / "ckpt", config, params)
+    with pytest.raises(Exception):
+        save_model(tmp_path / "broken", config, {"not": object()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no half-written checkpoint or staging folder

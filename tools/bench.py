@@ -40,14 +40,18 @@
         bf16 peak, the tokens/s per chip at --mfu and the seconds per step of --batch x --seq tokens per
         chip. Nothing is compiled or run.
     python tools/bench.py serve CONFIG [key=value ...] [--clients 1,4,16,64 --requests N --new 16 --steps 4,8
-                                                        --slots 16 --timeout 600]
+                                                        --slots 16 --timeout 600 --server-flags "..."]
         continuous batching against sequential generation, on random weights saved as an rdlm checkpoint:
         a fixed mix of greedy requests (prompts of 4..block_size/2 tokens, depths cycled from --steps)
         through `rdlm.generate` one at a time (compiled first), then through `python -m rdlm.serve` (a
         child process on a free loopback port) from each number of --clients at once, each sending its next
         request when its answer arrives: tokens/s, p50/p99 latency, answered / rejected (429) / failed
         counts, greedy mismatches against `rdlm.generate` and speedup_vs_sequential per level. The whole
-        run stops sending after --timeout seconds (timed_out in the records).
+        run stops sending after --timeout seconds (timed_out in the records). A "batched" record times
+        the same mix through `rdlm.generate` calls of --slots prompts of one depth each: static batching
+        with every request known in advance, the most batching buys on this machine (each level's
+        fraction_of_batched is its throughput against it). The server runs with `--chunk 32
+        --attention-block 32`; --server-flags adds flags of its own (later ones win).
 
 The official script (kept outside this repo) is called as
 `PYTHON SCRIPT HF_DIR --batch B --seq S --num-steps N --iters K` and prints {"tokens_per_s": x};
@@ -63,6 +67,7 @@ import http.client
 import json
 import os
 import resource
+import shlex
 import socket
 import subprocess
 import sys
@@ -414,13 +419,9 @@ def bench_convert(args, cfg, base) -> None:
 
 def save_random_checkpoint(config, path: Path) -> None:
     """Random weights (`init_params`, key 0) of `config` as an rdlm model checkpoint at `path`."""
-    import orbax.checkpoint.experimental.v1 as ocp_v1
-    from rdlm.checkpoint import CONFIG_FILE, PARAMS_DIR, write_manifest
-    from rdlm.config import dump_config
+    from rdlm.checkpoint import save_model
 
-    ocp_v1.save(path / PARAMS_DIR, init_params(config.model, jax.random.key(0)))
-    write_manifest(path)
-    dump_config(config, path / CONFIG_FILE)
+    save_model(path, config, init_params(config.model, jax.random.key(0)))
 
 
 def free_port() -> int:
@@ -443,7 +444,7 @@ def start_server(ckpt: Path, port: int, args, log: Path, deadline: float) -> sub
                              "--port", str(port), "--slots", str(args.slots), "--num-steps", str(steps),
                              "--max-steps", str(steps), "--max-queue", str(max(64, max(args.clients))),
                              "--chunk", "32", "--attention-block", "32",  # CPU: short blocks, little padding
-                             "--log-level", "warning"],
+                             "--log-level", "warning", *shlex.split(args.server_flags)],  # later flags win
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
     while time.monotonic() < deadline and proc.poll() is None:
@@ -488,6 +489,17 @@ def bench_serve(args, cfg, base, config) -> None:
     sequential = tokens / sum(latencies)
     emit(base | dict(kind="sequential", requests=len(mix), new=args.new, num_steps=args.steps, tokens=tokens,
                      seconds=sum(latencies), tokens_per_s=sequential) | percentiles(latencies))
+
+    def batched() -> None:  # static batching at its best: --slots prompts of one depth per call
+        for steps in sorted(set(args.steps)):
+            same = [prompt for prompt, s in mix if s == steps]
+            for i in range(0, len(same), args.slots):
+                generate(params, same[i:i + args.slots], cfg, max_new_tokens=args.new, num_steps=steps)
+
+    batched()  # compiles
+    ceiling = tokens / _timed(batched)
+    emit(base | dict(kind="batched", requests=len(mix), new=args.new, num_steps=args.steps, batch=args.slots,
+                     tokens=tokens, tokens_per_s=ceiling, speedup_vs_sequential=ceiling / sequential))
     with tempfile.TemporaryDirectory(prefix="rdlm-bench-") as tmp:
         save_random_checkpoint(config, Path(tmp) / "ckpt")
         port = free_port()
@@ -499,7 +511,8 @@ def bench_serve(args, cfg, base, config) -> None:
             server.wait()
     for level in levels:
         emit(base | level | dict(new=args.new, num_steps=args.steps, slots=args.slots,
-                                 speedup_vs_sequential=level["tokens_per_s"] / sequential))
+                                 speedup_vs_sequential=level["tokens_per_s"] / sequential,
+                                 fraction_of_batched=level["tokens_per_s"] / ceiling))
     lost = [level["clients"] for level in levels if level["answered"] + level["rejected"] != level["sent"]]
     if lost:
         raise RuntimeError(f"requests neither answered nor rejected (429) with {lost} clients")
@@ -596,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve: requests per level (default: max(2 x clients, 32))")
     parser.add_argument("--slots", type=at_least(1), default=16, help="serve: the server's --slots")
     parser.add_argument("--timeout", type=float, default=600.0, help="serve: seconds for the whole run")
+    parser.add_argument("--server-flags", default="",
+                        help="serve: more `python -m rdlm.serve` flags, e.g. \"--chunk 16 --tokens-per-step 8\"")
     parser.add_argument("--official-python", help="python with torch + transformers for the official code")
     parser.add_argument("--official-script", help="scratch script running the official forward (outside the repo)")
     parser.add_argument("--mfu", type=float, default=0.4, help="flops: the model FLOPs utilisation to read off")

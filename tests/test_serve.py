@@ -404,6 +404,15 @@ def test_engine_deadline_and_cancel_free_slots(model):
         engine.submit(Request([1], Options(), ender("late")))
 
 
+def test_decode_buckets_and_their_prefill_rows():
+    """Programs compute 1, 4, 16, ... slots up to all (0): a lone request prefills and decodes one row."""
+    plan = Plan(slots=16, context=64, chunk=16, max_steps=4, strategy="full", prefills=4)
+    assert plan.buckets == (1, 4, 0)
+    assert [p.prefill_rows for p in plan.programs()] == [1, 4, 4] * 2 and len({*plan.programs()}) == 6
+    assert [Plan(slots=n, context=64, chunk=16, max_steps=4, strategy="full").buckets for n in (1, 2, 4, 5)] == [
+        (0,), (1, 0), (1, 0), (1, 4, 0)]
+
+
 def test_a_failed_engine_refuses_requests_instead_of_queueing_them(model):
     cfg, params, tok = model
     engine = Engine(params, cfg, tok, Plan(slots=1, context=64, chunk=16, max_steps=4, strategy="full"))

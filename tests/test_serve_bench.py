@@ -13,7 +13,7 @@ BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
 @pytest.mark.slow
 def test_serve_bench_answers_every_request(tmp_path):
     out = subprocess.run([sys.executable, str(BENCH), "serve", "tiny", "--clients", "2", "--requests", "4",
-                          "--new", "4", "--steps", "2", "--timeout", "300"],
+                          "--new", "4", "--steps", "2", "--slots", "2", "--timeout", "300"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="the model id (default: the checkpoint's folder)")
-    parser.add_argument("--slots", type=int, default=16, help="requests decoded together")
+    parser.add_argument("--slots", type=int, default=16,
+                        help="requests decoded together (a program is compiled for 1, 4, 16, ... busy slots up to "
+                             "this, each with and without exit criteria)")
     parser.add_argument("--context", type=int, default=None, help="positions per slot (default: model.block_size)")
     parser.add_argument("--chunk", type=int, default=64, help="prompt tokens prefilled per engine step")
     parser.add_argument("--prefills", type=int, default=4, help="prompts prefilled per engine step")
@@ -93,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                         exit_threshold=args.exit_threshold, continuous=args.continuous, init_scale=args.init_scale,
                         timeout=args.request_timeout)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s", stream=sys.stderr)
-    log.info("serving %s: %d slots x %d positions, chunk %d, up to %d recurrences per token; KV cache %.1f MiB",
-             name, plan.slots, plan.context, plan.chunk, plan.max_steps,
-             cache_bytes(cfg, plan.slots, plan.context, plan.max_steps, plan.strategy) / 2**20)
+    log.info("serving %s: %d slots x %d positions, chunk %d, up to %d recurrences per token; KV cache %.1f MiB; "
+             "compiling %d step programs", name, plan.slots, plan.context, plan.chunk, plan.max_steps,
+             cache_bytes(cfg, plan.slots, plan.context, plan.max_steps, plan.strategy) / 2**20, len(plan.programs()))
     app = create_app(Engine(params, cfg, tok, plan, max_queue=args.max_queue), tok, name, defaults)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout))

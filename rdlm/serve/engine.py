@@ -4,8 +4,10 @@ Every engine step is one compiled program (`step`): a chunk of up to `Plan.prefi
 prefilled, then every decoding slot advances by up to `Plan.tokens` tokens (stopping at a stop id or its
 budget), so running requests keep streaming while long prompts are read. What differs between requests
 is traced, per slot (`SlotSettings`): position, recurrence cap, exit criterion and threshold, sampling
-settings, continuous decoding, random key. Two programs are compiled at start-up, with and without the
-exit criteria, and reused for every request. A finished slot is refilled from the queue at the next step.
+settings, continuous decoding, random key. The decode computes only as many slots as a bucket needs (1, 4,
+16, ... up to all: a lone request does not pay for empty slots); a program per bucket, with and without the
+exit criteria, is compiled at start-up and reused for every request. A finished slot is refilled from the
+queue at the next step.
 
 Prompts run every recurrence up to the request's `num_steps` (exit criteria act on generated tokens):
 an exit decided over a chunk would make the answer depend on where chunks split the prompt. Each
@@ -57,10 +59,29 @@ class Plan:
     tokens: int = 4  # tokens decoded per slot and step (one host round trip each `tokens`)
     block: int = DECODE_BLOCK  # cached positions attention reads at a time (only blocks below the longest row)
     criteria: tuple[str, ...] = ("none",)  # exit criteria compiled in: ("none",) or all (`ADAPTIVE`)
+    rows: int = 0  # slots the decode computes (`SlotSettings.rows`); 0: all of them
 
     def adaptive(self, on: bool) -> Plan:
-        """The plan of the program with every exit criterion (`on`) or none: two programs, both compiled at start."""
+        """The plan of the program with every exit criterion (`on`) or none."""
         return dataclasses.replace(self, criteria=CRITERIA_NAMES if on else ("none",))
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Decode row counts compiled: powers of 4 below `slots`, and all slots (a step computes the smallest that
+        holds its decoding slots, so a lone request does not pay for the empty slots)."""
+        sizes = [1]
+        while sizes[-1] * 4 < self.slots:
+            sizes.append(sizes[-1] * 4)
+        return tuple(n for n in sizes if n < self.slots) + (0,)
+
+    @property
+    def prefill_rows(self) -> int:
+        """Prompts a step of this bucket prefills: no more than it decodes (a lone request's prefill is one row)."""
+        return min(self.prefills, self.rows) if self.rows else self.prefills
+
+    def programs(self) -> list[Plan]:
+        """Every step program: each bucket, with and without exit criteria (all compiled at start-up)."""
+        return [dataclasses.replace(self.adaptive(on), rows=n) for on in (False, True) for n in self.buckets]
 
 
 @struct.dataclass
@@ -83,6 +104,7 @@ class SlotSettings:
     logprobs: jax.Array  # [S] the request wants logprobs (the top-k runs only when one does)
     reset: jax.Array  # [S] slots whose cache restarts (admitted or freed); applied before anything else
     stop_ids: jax.Array  # [n] ids that end an answer (-1: padding)
+    rows: jax.Array  # [Plan.rows] the slots a bucketed step computes (prefilled, decoding), ascending, then S
 
 
 @struct.dataclass
@@ -161,7 +183,7 @@ def step(params: Params, state: SlotState, settings: SlotSettings, chunk: Chunk,
     """One engine step: prefill the chunk's prompts into their slots, then decode up to `plan.tokens` tokens for
     every decoding slot (a slot whose prompt ended in this chunk included). A slot stops at a stop id or at its
     budget; the step stops early when every slot has."""
-    S, C, K, P, TOP = plan.slots, plan.chunk, plan.tokens, plan.prefills, TOP_LOGPROBS
+    S, C, K, P, TOP = plan.slots, plan.chunk, plan.tokens, plan.prefill_rows, TOP_LOGPROBS
     keys = jax.random.wrap_key_data(settings.keys)
     cache = state.cache.replace(length=jnp.where(settings.reset, 0, state.cache.length))
     knobs = settings.knobs if len(plan.criteria) > 1 else settings.knobs.replace(criterion=None)
@@ -190,10 +212,22 @@ def step(params: Params, state: SlotState, settings: SlotSettings, chunk: Chunk,
                 (jnp.full((P,), -1, jnp.int32), jnp.zeros((P,)), jnp.zeros((P, TOP), jnp.int32), jnp.zeros((P, TOP)),
                  jnp.zeros((P,), jnp.int32)), jnp.zeros((P, 1, cfg.n_embd), cfg.dtype))
 
+    # A bucketed step (`plan.rows` < S) computes a view of its slots (the prefilled and decoding ones, then
+    # padding), taken from the cache once and put back once: a second take and put would copy the whole cache.
+    every = not plan.rows or plan.rows == S
+    sel = jnp.arange(S) if every else jnp.minimum(settings.rows, S - 1)
+    back = sel if every else settings.rows  # padding (S) is dropped when the rows go back
+    view = cache if every else _take_rows(cache, settings.rows)
+    local = chunk.slots if every else jnp.where(  # the chunk's rows in the view (unused ones past its end)
+        used, jnp.argmax(settings.rows[None] == chunk.slots[:, None], 1), plan.rows)
+
+    def pick(x: jax.Array) -> jax.Array:
+        return x if every else x[sel]
+
     # only the prefilled rows pass through the conditional: the whole cache would be copied in and out of it
     rows, scored_chunk, first, first_latent = jax.lax.cond(jnp.any(used), prefill, no_prefill,
-                                                           _take_rows(cache, chunk.slots))
-    cache = _put_rows(cache, rows, chunk.slots)
+                                                           _take_rows(view, local))
+    view = _put_rows(view, rows, local)
     starts = jnp.zeros((S,), bool).at[chunk.slots].set(used & chunk.final, mode="drop")
     into = jnp.where(used & chunk.final, chunk.slots, S)  # the starting rows' slots (others dropped)
     token = state.token.at[into].set(first[0], mode="drop")
@@ -206,28 +240,36 @@ def step(params: Params, state: SlotState, settings: SlotSettings, chunk: Chunk,
     count = starts.astype(jnp.int32)  # tokens made per slot this step
     any_logprobs = jnp.any(settings.logprobs & live)
 
+    b_keys, b_knobs = pick(keys), knobs if every else knobs.rows(sel)
+    b_budget, b_cap, b_warm = pick(settings.budget), pick(settings.cap), pick(settings.continuous)
+    done = pick(done) | (back >= S)
+
     def decode_one(carry):
         k, cache, token, latent, done, count, made = carry
-        new = NewTokens(token[:, None], jnp.zeros((S,), jnp.int32), ~done, keys, warm=latent,
-                        warm_rows=settings.continuous, cap=settings.cap)
-        out = forward_tokens(params, cache, new, knobs, cfg, Pass(plan.max_steps, plan.criteria, plan.strategy, True,
-                                                                  False, plan.block))
+        new = NewTokens(token[:, None], jnp.zeros_like(token), ~done, b_keys, warm=latent, warm_rows=b_warm, cap=b_cap)
+        out = forward_tokens(params, cache, new, b_knobs, cfg, Pass(plan.max_steps, plan.criteria, plan.strategy, True,
+                                                                    False, plan.block))
         logits = out.logits[:, 0]
-        nxt = _sample(logits, keys, cache.length + 1, knobs.sampling)
+        nxt = _sample(logits, b_keys, cache.length + 1, b_knobs.sampling)
         lp, top_ids, top = _scored(logits, nxt, any_logprobs)
         running = ~done
-        at = jnp.where(running, k + 1, K + 1)  # column k + 1 (column 0: a prefill's first token); else dropped
-        rows = jnp.arange(S)
-        made = [m.at[rows, at].set(v, mode="drop") for m, v in zip(made, (nxt, lp, top_ids, top, out.steps))]
+        col = jnp.where(running, k + 1, K + 1)  # column k + 1 (column 0: a prefill's first token); else dropped
+        rows = jnp.arange(token.shape[0])
+        made = [m.at[rows, col].set(v, mode="drop") for m, v in zip(made, (nxt, lp, top_ids, top, out.steps))]
         count = count + running
         cache = out.cache.replace(length=cache.length + running)
-        done = done | (running & (jnp.isin(nxt, settings.stop_ids) | (count >= settings.budget)))
+        done = done | (running & (jnp.isin(nxt, settings.stop_ids) | (count >= b_budget)))
         return (k + 1, cache, jnp.where(running, nxt, token), jnp.where(running[:, None, None], out.latents, latent),
                 done, count, made)
 
-    carry = (jnp.int32(0), cache, token, latent, done, count, made)
-    _, cache, token, latent, _, _, made = jax.lax.while_loop(lambda c: (c[0] < K) & ~jnp.all(c[4]), decode_one, carry)
-    return SlotState(cache, token, latent), StepOutput(*made, *scored_chunk)
+    carry = (jnp.int32(0), view, pick(token), pick(latent), done, pick(count), [pick(m) for m in made])
+    _, view, b_token, b_latent, _, _, b_made = jax.lax.while_loop(lambda c: (c[0] < K) & ~jnp.all(c[4]), decode_one,
+                                                                  carry)
+    if every:
+        return SlotState(view, b_token, b_latent), StepOutput(*b_made, *scored_chunk)
+    made = [m.at[back].set(v, mode="drop") for m, v in zip(made, b_made)]
+    return (SlotState(_put_rows(cache, view, settings.rows), token.at[back].set(b_token, mode="drop"),
+                      latent.at[back].set(b_latent, mode="drop")), StepOutput(*made, *scored_chunk))
 
 
 # ---- the host side -----------------------------------------------------------------------------------
@@ -373,11 +415,12 @@ class Engine:
     # -- lifecycle
 
     def warm_up(self) -> None:
-        """Compile both step programs (with and without exit criteria) before the first request."""
-        for adaptive in (False, True):
+        """Compile every step program (`Plan.programs`) before the first request."""
+        for plan in self.plan.programs():
             for _ in range(2):  # the second call sees the first's outputs as inputs (committed arrays): its own entry
-                self.state, out = step(self.params, self.state, self._settings(np.zeros(self.plan.slots, bool)),
-                                       self._chunk([]), cfg=self.cfg, plan=self.plan.adaptive(adaptive))
+                self.state, out = step(self.params, self.state,
+                                       self._settings(np.zeros(self.plan.slots, bool), rows=plan.rows),
+                                       self._chunk([], plan.prefill_rows), cfg=self.cfg, plan=plan)
         jax.block_until_ready(out)
         _key_data(0)
         self.compiles = step._cache_size()
@@ -453,7 +496,9 @@ class Engine:
                     self.slots[i] = r
                     self._reset.add(i)
 
-    def _settings(self, decoding: np.ndarray, budget: np.ndarray | None = None) -> SlotSettings:
+    def _settings(self, decoding: np.ndarray, budget: np.ndarray | None = None, rows: int = 0,
+                  computed: list[int] = ()) -> SlotSettings:
+        """The step's per-slot values; the step computes `rows` slots (0: all): `computed`, then padding."""
         S = self.plan.slots
         o = [r.options if r is not None else Options() for r in self.slots]
         keys = np.stack([r.key if r is not None else np.zeros(self._key_shape, np.uint32) for r in self.slots])
@@ -473,11 +518,13 @@ class Engine:
                             continuous=col(lambda x: x.continuous, bool), decoding=decoding,
                             budget=np.zeros((S,), np.int32) if budget is None else budget,
                             logprobs=col(lambda x: x.logprobs > 0 or x.echo, bool), reset=reset,
-                            stop_ids=self._stop_ids)
+                            stop_ids=self._stop_ids,
+                            rows=np.asarray((sorted(computed) + [S] * (rows - len(computed))) if rows else [],
+                                            np.int32))
 
-    def _chunk(self, slots: list[int]) -> Chunk:
-        """The next `plan.chunk` prompt tokens of each of `slots` (at most `plan.prefills`)."""
-        P, C, S = self.plan.prefills, self.plan.chunk, self.plan.slots
+    def _chunk(self, slots: list[int], P: int) -> Chunk:
+        """The next `plan.chunk` prompt tokens of each of `slots` (at most P), in P rows."""
+        C, S = self.plan.chunk, self.plan.slots
         ids, next_ids = np.zeros((P, C), np.int32), np.full((P, C), -1, np.int32)
         rows, length, final = np.full((P,), S, np.int32), np.zeros((P,), np.int32), np.zeros((P,), bool)
         for j, i in enumerate(slots):
@@ -492,15 +539,20 @@ class Engine:
     def _step(self) -> None:
         busy = [(i, r) for i, r in enumerate(self.slots) if r is not None]
         prefilling = sorted((i for i, r in busy if r.prefilled < len(r.prompt)), key=lambda i: self.slots[i].arrived)
-        chunk = self._chunk(prefilling[:self.plan.prefills])  # the oldest prompts first
         decoding = np.zeros((self.plan.slots,), bool)
         budget = np.zeros((self.plan.slots,), np.int32)
         for i, r in busy:
             budget[i] = min(r.options.max_tokens, self.plan.context - len(r.prompt)) - r.generated
             decoding[i] = r.prefilled == len(r.prompt)
         adaptive = any(r.options.exit_criterion != "none" for _, r in busy)
-        self.state, out = step(self.params, self.state, self._settings(decoding, budget), chunk, cfg=self.cfg,
-                               plan=self.plan.adaptive(adaptive))
+        for rows in self.plan.buckets:  # the smallest program that holds the oldest prompts and the decoding slots
+            plan = dataclasses.replace(self.plan.adaptive(adaptive), rows=rows)
+            chunk = self._chunk(prefilling[:plan.prefill_rows], plan.prefill_rows)
+            computed = [i for i, r in busy if decoding[i]] + prefilling[:plan.prefill_rows]
+            if not rows or (len(computed) <= rows and len(prefilling) <= plan.prefill_rows):
+                break
+        self.state, out = step(self.params, self.state, self._settings(decoding, budget, rows, computed), chunk,
+                               cfg=self.cfg, plan=plan)
         out = jax.device_get(out)
         now = time.monotonic()
         for j, i in enumerate(chunk.slots):

@@ -1,10 +1,15 @@
 """Shared fixtures. Tests run on CPU; the official parity data lives in tests/fixtures/."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 virtual CPU devices for mesh tests, set before jax is imported; single-device code uses device 0.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# One persistent compilation cache per test run, shared by the xdist workers and the CLIs the tests start (they
+# inherit the variable): the tiny programs many tests compile alike are compiled once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"rdlm-tests-xla-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
 
 import re  # noqa: E402
 import shutil  # noqa: E402

@@ -214,7 +214,7 @@ def step(params: Params, state: SlotState, settings: SlotSettings, chunk: Chunk,
 
     # A bucketed step (`plan.rows` < S) computes a view of its slots (the prefilled and decoding ones, then
     # padding), taken from the cache once and put back once: a second take and put would copy the whole cache.
-    every = not plan.rows or plan.rows == S
+    every = not plan.rows  # buckets are below S
     sel = jnp.arange(S) if every else jnp.minimum(settings.rows, S - 1)
     back = sel if every else settings.rows  # padding (S) is dropped when the rows go back
     view = cache if every else _take_rows(cache, settings.rows)
